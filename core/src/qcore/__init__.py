@@ -1,0 +1,97 @@
+"""qcore: quantize-on-load for PyTorch models, with quantization backends as plugins.
+
+Users call :func:`from_pretrained` / :func:`save_pretrained`. Backend authors subclass
+:class:`QuantizationConfig` and :class:`Quantizer`, mark hook methods with :data:`hookimpl`, and
+expose a :class:`Backend` through the ``qcore.backends`` entry-point group.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._checkpoint import CheckpointFiles, locate_checkpoint
+from ._config import QuantizationConfig, merge_quantization_configs
+from ._errors import (
+    BackendError,
+    BackendLoadError,
+    BackendNotFoundError,
+    BackendValidationError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    ConfigMismatchError,
+    CorruptCheckpointError,
+    DequantizeError,
+    DtypeCastError,
+    DuplicateBackendError,
+    MissingKeysError,
+    QcoreError,
+    QuantizerEnvironmentError,
+    SerializationError,
+    ShapeMismatchError,
+    UnexpectedKeysError,
+)
+from ._hookspecs import hookimpl, hookspec
+from ._loading import from_pretrained
+from ._model import ModelMixin, dequantize
+from ._quantizer import Quantizer, module_matches, replace_linear_layers
+from ._registry import (
+    ENTRY_POINT_GROUP,
+    Backend,
+    BackendInfo,
+    available_backends,
+    get_backend,
+    register_backend,
+    unregister_backend,
+)
+from ._saving import save_pretrained
+
+try:
+    __version__ = version("qcore")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    # loading and saving
+    "from_pretrained",
+    "save_pretrained",
+    "dequantize",
+    "ModelMixin",
+    "locate_checkpoint",
+    "CheckpointFiles",
+    # backends
+    "QuantizationConfig",
+    "Quantizer",
+    "Backend",
+    "BackendInfo",
+    "hookspec",
+    "hookimpl",
+    "register_backend",
+    "unregister_backend",
+    "get_backend",
+    "available_backends",
+    "merge_quantization_configs",
+    "module_matches",
+    "replace_linear_layers",
+    "ENTRY_POINT_GROUP",
+    # errors
+    "QcoreError",
+    "BackendError",
+    "BackendNotFoundError",
+    "BackendLoadError",
+    "BackendValidationError",
+    "DuplicateBackendError",
+    "QuantizerEnvironmentError",
+    "ConfigError",
+    "ConfigMismatchError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "MissingKeysError",
+    "UnexpectedKeysError",
+    "ShapeMismatchError",
+    "SerializationError",
+    "DtypeCastError",
+    "DequantizeError",
+    "__version__",
+]

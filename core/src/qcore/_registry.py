@@ -1,0 +1,264 @@
+"""quant_method -> backend: in-process registrations and lazily loaded entry points.
+
+Entry points live in the group ``qcore.backends``; the entry name is the quant_method, the value
+points at a :class:`qcore.Backend` (or a callable returning one). A load imports only the backend it
+names. ``QCORE_DISABLE_PLUGIN_AUTOLOAD=1`` turns entry-point discovery off; ``QCORE_PLUGINS=a,b``
+allows only the named backends (quant_method or distribution name).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, Literal
+
+from ._config import QuantizationConfig
+from ._errors import (
+    BackendError,
+    BackendLoadError,
+    BackendNotFoundError,
+    ConfigError,
+    DuplicateBackendError,
+)
+from ._plugins import validate_quantizer_class
+from ._quantizer import Quantizer
+
+logger = logging.getLogger("qcore")
+
+ENTRY_POINT_GROUP = "qcore.backends"
+
+_INSTALL_HINTS = {
+    "bitsandbytes": "pip install qcore-bnb",
+    "torchao": "pip install qcore-torchao",
+}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A quantization backend: its ``quant_method``, config class and quantizer class.
+
+    A distribution exposes one in its entry point; ``distribution`` and ``version`` are filled in by
+    qcore from the installed distribution's metadata.
+    """
+
+    quant_method: str
+    config_class: type[QuantizationConfig]
+    quantizer_class: type[Quantizer]
+    distribution: str | None = None
+    version: str | None = None
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What :func:`qcore.available_backends` knows of one backend."""
+
+    quant_method: str
+    distribution: str | None
+    version: str | None
+    status: Literal["ok", "failed", "disabled"]
+    config_class: str | None = None
+    error: str | None = None
+
+
+_registered: dict[str, Backend] = {}
+_loaded: dict[str, Backend] = {}
+
+
+def _autoload_disabled() -> bool:
+    return os.environ.get("QCORE_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower() not in ("", "0", "false")
+
+
+def _allow_list() -> set[str] | None:
+    raw = os.environ.get("QCORE_PLUGINS")
+    if raw is None:
+        return None
+    return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def _distribution_of(ep: EntryPoint) -> tuple[str | None, str | None]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return None, None
+    return dist.metadata["Name"], dist.version
+
+
+def _entry_points(name: str | None = None) -> list[EntryPoint]:
+    found = entry_points(group=ENTRY_POINT_GROUP, **({"name": name} if name else {}))
+    unique: dict[tuple[str, str | None], EntryPoint] = {}
+    for ep in found:
+        # The same distribution can be visible twice (e.g. a path listed twice on sys.path).
+        unique.setdefault((ep.name, _distribution_of(ep)[0]), ep)
+    return list(unique.values())
+
+
+def _allowed(quant_method: str, distribution: str | None) -> bool:
+    allow = _allow_list()
+    return allow is None or quant_method in allow or (distribution is not None and distribution in allow)
+
+
+def _load_entry_point(ep: EntryPoint) -> Backend:
+    distribution, version = _distribution_of(ep)
+    try:
+        obj: Any = ep.load()
+        if not isinstance(obj, Backend) and callable(obj):
+            obj = obj()
+    except Exception as exc:  # any import-time failure of a third-party package
+        raise BackendLoadError(ep.name, distribution, f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(obj, Backend):
+        raise BackendLoadError(
+            ep.name, distribution, f"entry point {ep.value!r} gives {obj!r}, not a qcore.Backend"
+        )
+    if obj.quant_method != ep.name:
+        raise BackendLoadError(
+            ep.name,
+            distribution,
+            f"entry point is named {ep.name!r} but its Backend says quant_method={obj.quant_method!r}",
+        )
+    _check_backend(obj, distribution)
+    return replace(obj, distribution=distribution, version=version)
+
+
+def _check_backend(backend: Backend, distribution: str | None) -> None:
+    cfg = backend.config_class
+    if not (isinstance(cfg, type) and issubclass(cfg, QuantizationConfig)):
+        raise BackendLoadError(backend.quant_method, distribution, f"{cfg!r} is not a QuantizationConfig")
+    if cfg.quant_method != backend.quant_method:
+        raise BackendLoadError(
+            backend.quant_method,
+            distribution,
+            f"{cfg.__name__}.quant_method is {cfg.quant_method!r}, expected {backend.quant_method!r}",
+        )
+    validate_quantizer_class(backend.quantizer_class, backend.quant_method, distribution)
+
+
+def install_hint(quant_method: str) -> str:
+    return _INSTALL_HINTS.get(
+        quant_method,
+        f"pip install qcore-{quant_method} (or any distribution with an entry point named "
+        f"{quant_method!r} in the group {ENTRY_POINT_GROUP!r})",
+    )
+
+
+def get_backend(quant_method: str) -> Backend:
+    """The backend for ``quant_method``, importing its distribution on first use."""
+    if quant_method in _registered:
+        return _registered[quant_method]
+    if quant_method in _loaded:
+        return _loaded[quant_method]
+    hint = install_hint(quant_method)
+    if _autoload_disabled():
+        raise BackendNotFoundError(
+            quant_method,
+            f"{hint}; note that QCORE_DISABLE_PLUGIN_AUTOLOAD is set, so installed backends are "
+            "not discovered (register one with qcore.register_backend)",
+            _registered,
+        )
+    candidates = _entry_points(quant_method)
+    allowed = [ep for ep in candidates if _allowed(quant_method, _distribution_of(ep)[0])]
+    if not allowed:
+        if candidates:
+            hint = f"it is installed but not in QCORE_PLUGINS={os.environ.get('QCORE_PLUGINS')!r}"
+        raise BackendNotFoundError(quant_method, hint, _known_names())
+    if len(allowed) > 1:
+        raise DuplicateBackendError(
+            quant_method, [f"distribution {_distribution_of(ep)[0]!r}" for ep in allowed]
+        )
+    backend = _load_entry_point(allowed[0])
+    _loaded[quant_method] = backend
+    logger.debug("loaded backend %r from %s %s", quant_method, backend.distribution, backend.version)
+    return backend
+
+
+def _known_names() -> set[str]:
+    names = set(_registered)
+    if not _autoload_disabled():
+        names.update(ep.name for ep in _entry_points() if _allowed(ep.name, _distribution_of(ep)[0]))
+    return names
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Register a backend in this process (no distribution needed), e.g. in tests or notebooks.
+
+    Raises :class:`qcore.DuplicateBackendError` when the quant_method is taken, in-process or by an
+    installed distribution, and :class:`qcore.BackendValidationError` when the hooks are invalid.
+    """
+    where = f"in-process registration from {backend.quantizer_class.__module__}"
+    taken = _registered.get(backend.quant_method)
+    if taken is not None:
+        raise DuplicateBackendError(
+            backend.quant_method, [f"in-process registration from {taken.quantizer_class.__module__}", where]
+        )
+    if not _autoload_disabled():
+        installed = [_distribution_of(ep)[0] for ep in _entry_points(backend.quant_method)]
+        if installed:
+            raise DuplicateBackendError(
+                backend.quant_method, [*(f"distribution {d!r}" for d in installed), where]
+            )
+    _check_backend(backend, None)
+    _registered[backend.quant_method] = backend
+    return backend
+
+
+def unregister_backend(quant_method: str) -> None:
+    """Remove an in-process registration (a no-op for names that are not registered)."""
+    _registered.pop(quant_method, None)
+
+
+def available_backends() -> list[BackendInfo]:
+    """Every backend registered or installed, each loaded to report its status."""
+    infos: dict[str, BackendInfo] = {}
+    for name, backend in _registered.items():
+        infos[name] = BackendInfo(name, None, None, "ok", backend.config_class.__qualname__)
+    eps = [] if _autoload_disabled() else _entry_points()
+    for ep in eps:
+        if ep.name in infos:
+            continue
+        dist, version = _distribution_of(ep)
+        if not _allowed(ep.name, dist):
+            infos[ep.name] = BackendInfo(ep.name, dist, version, "disabled", error="not in QCORE_PLUGINS")
+            continue
+        try:
+            backend = get_backend(ep.name)
+        except BackendError as exc:
+            infos[ep.name] = BackendInfo(ep.name, dist, version, "failed", error=str(exc))
+        else:
+            infos[ep.name] = BackendInfo(
+                ep.name, backend.distribution, backend.version, "ok", backend.config_class.__qualname__
+            )
+    return [infos[name] for name in sorted(infos)]
+
+
+def _legacy_quant_method(config: Mapping[str, Any]) -> str | None:
+    # transformers-era bitsandbytes configs carry load_in_4bit/8bit but no quant_method.
+    if any(config.get(k) for k in ("load_in_4bit", "load_in_8bit", "_load_in_4bit", "_load_in_8bit")):
+        return "bitsandbytes"
+    return None
+
+
+def resolve_config(config: QuantizationConfig | Mapping[str, Any]) -> tuple[QuantizationConfig, Backend]:
+    """A config instance and its backend, from an instance or a dict carrying ``quant_method``."""
+    if isinstance(config, QuantizationConfig):
+        backend = get_backend(config.quant_method)
+        if not isinstance(config, backend.config_class):
+            raise ConfigError(
+                f"quantization_config is a {type(config).__qualname__}, but the backend for "
+                f"{config.quant_method!r} expects {backend.config_class.__qualname__}",
+                option="quantization_config",
+            )
+        return config, backend
+    if isinstance(config, Mapping):
+        quant_method = config.get("quant_method") or _legacy_quant_method(config)
+        if not quant_method:
+            raise ConfigError(
+                f"quantization_config {dict(config)!r} has no 'quant_method'", option="quant_method"
+            )
+        backend = get_backend(str(quant_method))
+        data = {k: v for k, v in config.items() if k != "quant_method"}
+        return backend.config_class.from_dict({"quant_method": quant_method, **data}), backend
+    raise ConfigError(
+        f"quantization_config must be a qcore.QuantizationConfig or a dict, not {type(config).__name__}",
+        option="quantization_config",
+    )
