@@ -149,7 +149,22 @@ def locate_checkpoint(
     raise CheckpointNotFoundError(
         f"no weights in {fetcher.location}: looked for {', '.join(tried)}"
         + (f" (variant {variant!r})" if variant else "")
+        + _variant_hint(fetcher.local_dir, variant)
     )
+
+
+def _variant_hint(directory: Path | None, variant: str | None) -> str:
+    """Name the variants present when the requested one is absent: the usual cause of a miss."""
+    if directory is None:
+        return ""
+    found = set()
+    for path in directory.iterdir():
+        parts = path.name.split(".")
+        if len(parts) >= 3 and parts[0] in WEIGHTS_BASENAMES and parts[-1] in ("safetensors", "bin"):
+            found.add(parts[1].split("-")[0] if parts[1] != "safetensors" else parts[-2])
+    found.discard(variant or "")
+    found -= {"safetensors", "bin", "index"}
+    return f"; the directory holds the variant(s) {', '.join(sorted(found))}: pass variant=" if found else ""
 
 
 def _from_index(fetcher: _Fetcher, config_path: Path, index_path: Path) -> CheckpointFiles:

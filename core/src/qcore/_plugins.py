@@ -60,7 +60,7 @@ def validate_quantizer_class(
     try:
         pm.register(object.__new__(quantizer_class), name=quant_method)
     except pluggy.PluginValidationError as exc:
-        raise BackendValidationError(f"{who}: {exc}") from exc
+        raise BackendValidationError(f"{who}: {str(exc).replace(chr(10), '; ')}") from exc
 
 
 def make_plugin_manager(quantizer: Quantizer, observers: Iterable[object] = ()) -> pluggy.PluginManager:

@@ -80,14 +80,19 @@ def _write_weights(
     )
     header = {"format": "pt", **{k: str(v) for k, v in metadata.items()}}
     for filename, keys in split.filename_to_tensors.items():
-        shard = {key: state_dict[key].contiguous() for key in keys}
         path = directory / filename
-        if safe_serialization:
-            from safetensors.torch import save_file
+        try:
+            shard = {key: state_dict[key].contiguous() for key in keys}
+            if safe_serialization:
+                from safetensors.torch import save_file
 
-            save_file(shard, str(path), metadata=header)
-        else:
-            torch.save(shard, path)
+                save_file(shard, str(path), metadata=header)
+            else:
+                torch.save(shard, path)
+        except Exception as exc:
+            raise SerializationError(
+                f"writing {filename} failed ({type(exc).__name__}: {exc}); nothing was saved"
+            ) from exc
         _fsync(path)
     if split.is_sharded:
         index_name = add_variant(f"{SAFETENSORS_WEIGHTS_NAME if safe_serialization else BIN_WEIGHTS_NAME}.index.json", variant)

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import qcore
+from helpers.int8_backend import BACKEND
+from helpers.models import TinyTransformer, make_tiny
+
+
+@pytest.fixture
+def int8_backend() -> Iterator[qcore.Backend]:
+    """The in-test int8 backend, registered in-process for one test."""
+    qcore.register_backend(BACKEND)
+    try:
+        yield BACKEND
+    finally:
+        qcore.unregister_backend(BACKEND.quant_method)
+
+
+@pytest.fixture
+def tiny_model() -> TinyTransformer:
+    return make_tiny()
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path: Path, tiny_model: TinyTransformer) -> Path:
+    """A bf16 TinyTransformer saved as one safetensors file."""
+    path = tmp_path / "tiny-bf16"
+    qcore.save_pretrained(tiny_model, path)
+    return path
+
+
+@pytest.fixture
+def tiny_input() -> torch.Tensor:
+    return torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
