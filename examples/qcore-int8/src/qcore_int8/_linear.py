@@ -46,13 +46,15 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.compute_dtype or x.dtype
+        input_dtype = x.dtype
+        dtype = self.compute_dtype or input_dtype
         # Scaling the output instead of the weight keeps the matmul's weight operand exact
         # (|q| <= 127 is representable in every float dtype) and saves one (out, in) multiply.
         out = nn.functional.linear(x.to(dtype), self.weight.to(dtype)) * self.weight_scale.to(dtype)
         if self.bias is not None:
             out = out + self.bias.to(dtype)
-        return out
+        # Like nn.Linear (and bitsandbytes), the output has the input's dtype whatever the compute dtype.
+        return out.to(input_dtype)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_per_channel(self.weight, self.weight_scale, dtype)
