@@ -34,6 +34,7 @@ from ._model import make_model, record_load
 from ._plugins import make_plugin_manager, resolve_hook
 from ._quantizer import Quantizer, module_matches
 from ._registry import resolve_config
+from ._streaming import stream_tensors
 
 logger = logging.getLogger("qcore")
 
@@ -310,12 +311,14 @@ def load_weights(
         check_shape = resolve_hook(quant.hooks.check_quantized_param_shape)
         create = resolve_hook(quant.hooks.create_quantized_param)
 
+    devices = {name: target_device(name, device_map) for name in groups}
+    arriving = stream_tensors(reader, [(key, devices[name]) for name, keys in groups.items() for key in keys])
     loaded: set[str] = set()
     progress = tqdm(total=len(groups), desc="Loading weights", unit="param", disable=None, leave=False)
     for param_name, keys in groups.items():
-        tensors = {key: reader.read(key) for key in keys}
+        tensors = {key: next(arriving) for key in keys}
         value = tensors.get(param_name)
-        device = target_device(param_name, device_map)
+        device = devices[param_name]
         current = expected[param_name]
         if quant is not None and is_quantized(
             quantizer=q, model=model, param_name=param_name, param_value=value, state_dict=tensors
@@ -348,7 +351,9 @@ def load_weights(
                     f"{tuple(value.shape)}, the model expects {tuple(current.shape)}"
                 )
             dtype = _load_dtype(param_name, value, torch_dtype, keep_fp32)
-            set_module_tensor_to_device(model, param_name, device, value=value, dtype=dtype)
+            set_module_tensor_to_device(
+                model, param_name, device, value=value, dtype=dtype, non_blocking=True, clear_cache=False
+            )
         loaded.add(param_name)
         loaded.update(key for key in keys if key in expected)  # e.g. a scale created with its weight
         progress.update()

@@ -1,0 +1,85 @@
+"""The core loader on CUDA: the streaming pipeline must deliver exactly the bytes on disk.
+
+Runs only where CUDA is available (the GPU machine); CI on CPU skips it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import qcore
+from helpers.int8_backend import Int8Linear, Int8TestConfig
+from helpers.models import TinyTransformer, make_tiny
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+class Odd(qcore.ModelMixin):
+    """Odd sizes, a zero-element parameter and mixed dtypes, to stress piece boundaries."""
+
+    def __init__(self, dim: int = 333) -> None:
+        super().__init__()
+        self.a = nn.Linear(dim, dim + 7)
+        self.empty = nn.Parameter(torch.zeros(0))
+        self.b = nn.Linear(dim + 7, 5)
+        self.register_buffer("steps", torch.arange(11, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("piece,slots,threads", [(4096, 3, 2), (1000, 2, 1), (8 << 20, 24, 16)])
+def test_streamed_tensors_equal_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piece: int, slots: int, threads: int) -> None:
+    monkeypatch.setenv("QCORE_IO_PIECE_BYTES", str(piece))
+    monkeypatch.setenv("QCORE_IO_SLOTS", str(slots))
+    monkeypatch.setenv("QCORE_IO_THREADS", str(threads))
+    torch.manual_seed(0)
+    model = Odd()
+    with torch.no_grad():
+        model.a.weight.mul_(3)
+    qcore.save_pretrained(model, tmp_path / "odd", max_shard_size="200KB")
+    loaded = Odd.from_pretrained(tmp_path / "odd", device_map="cuda")
+    for name, tensor in model.state_dict().items():
+        got = loaded.state_dict()[name]
+        assert got.device.type == "cuda", name
+        assert got.dtype == tensor.dtype and torch.equal(got.cpu(), tensor), name
+
+
+def test_quantize_on_load_on_cuda_equals_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QCORE_IO_PIECE_BYTES", "3000")
+    monkeypatch.setenv("QCORE_IO_SLOTS", "4")
+    qcore.register_backend(__import__("helpers.int8_backend", fromlist=["BACKEND"]).BACKEND)
+    try:
+        qcore.save_pretrained(make_tiny(), tmp_path / "bf16", max_shard_size="10KB")
+        on_cpu = TinyTransformer.from_pretrained(tmp_path / "bf16", quantization_config=Int8TestConfig())
+        on_gpu = TinyTransformer.from_pretrained(tmp_path / "bf16", quantization_config=Int8TestConfig(), device_map="cuda")
+        assert isinstance(on_gpu.blocks[0].attn, Int8Linear)
+        for name, tensor in on_cpu.state_dict().items():
+            assert torch.equal(on_gpu.state_dict()[name].cpu(), tensor), name
+        x = torch.randn(4, 64, dtype=torch.bfloat16)
+        assert torch.allclose(on_gpu(x.cuda()).cpu().float(), on_cpu(x).float(), atol=2e-2, rtol=2e-2)
+    finally:
+        qcore.unregister_backend("int8-test")
+
+
+def test_device_map_dict_splits_cpu_and_cuda(tmp_path: Path) -> None:
+    model = make_tiny()
+    qcore.save_pretrained(model, tmp_path / "bf16")
+    loaded = TinyTransformer.from_pretrained(
+        tmp_path / "bf16", device_map={"proj_in": "cuda", "blocks": "cuda", "vace_blocks": "cpu", "norm_out": "cpu", "proj_out": "cpu"}
+    )
+    assert loaded.blocks[0].attn.weight.device.type == "cuda"
+    assert loaded.proj_out.weight.device.type == "cpu"
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    assert torch.allclose(loaded(x.cuda()).cpu().float(), model(x).float(), atol=1e-2)
+
+
+def test_auto_device_map_with_max_memory_offloads_to_cpu(tmp_path: Path) -> None:
+    model = make_tiny(dim=256, depth=4)
+    qcore.save_pretrained(model, tmp_path / "bf16")
+    loaded = TinyTransformer.from_pretrained(tmp_path / "bf16", device_map="auto", max_memory={0: "600KB", "cpu": "1GB"})
+    devices = {p.device.type for p in loaded.parameters()}
+    assert devices == {"cuda", "cpu"}
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    assert torch.allclose(loaded(x.cuda()).cpu().float(), model(x).float(), atol=1e-2)
