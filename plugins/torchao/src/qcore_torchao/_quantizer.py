@@ -1,0 +1,309 @@
+"""The torchao quantizer: each Linear is quantized as its weight loads, on its target device.
+
+Quantize on load: the skeleton keeps plain ``nn.Linear`` modules on the meta device; when a Linear's
+weight arrives, it is put on the target device and torchao's ``quantize_`` runs on that one module.
+At most one unquantized weight is alive at a time, so peak memory stays near the final model size.
+
+Pre-quantized: the safetensors files hold torchao's flattened tensors (``x._weight_qdata``,
+``x._weight_scale``, ...) and, in the header metadata, one JSON entry per tensor. Each weight's
+pieces are grouped, moved to the target device and reassembled into the torchao tensor subclass.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+import qcore
+
+from ._quant_types import hardware_problem
+from ._serialization import (
+    PLAIN_TENSOR_TYPE,
+    TENSOR_NAMES_KEY,
+    TORCHAO_VERSION_KEY,
+    build_tensor,
+    flatten,
+    flattened_key,
+    parse_tensor_entry,
+    torchao_version,
+)
+
+logger = logging.getLogger("qcore.torchao")
+
+MIN_TORCHAO = (0, 14)
+MIN_TORCHAO_SAFETENSORS = (0, 16)
+_INT4_NAME = re.compile(r"(?<![0-9])4weight", re.IGNORECASE)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = re.match(r"\d+", piece)
+        parts.append(int(digits.group()) if digits else 0)
+    return tuple(parts)
+
+
+def _device_types(device_map: Any) -> set[str]:
+    """The device types a device_map (in any accepted form) puts weights on."""
+    if device_map is None:
+        return {"cpu"}
+    if isinstance(device_map, Mapping):
+        return {t for value in device_map.values() for t in _device_types(value)}
+    if isinstance(device_map, str) and device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return {"cuda"} if torch.cuda.is_available() else {"cpu"}
+    if isinstance(device_map, int) and not isinstance(device_map, bool):
+        return {"cuda"}
+    try:
+        return {torch.device(device_map).type}
+    except (RuntimeError, TypeError):
+        return set()  # the loader reports a device_map it cannot read
+
+
+def _resolve_fqn_config(config: Any, module_name: str, param_name: str) -> Any:
+    """The config an ``FqnToConfig`` gives one module (``quantize_`` sees a lone Linear, fqn "")."""
+    table = getattr(config, "fqn_to_config", None)
+    if not isinstance(table, dict):
+        return config
+    for fqn in (param_name, module_name):
+        if fqn in table:
+            return table[fqn]
+    for fqn in (param_name, module_name):
+        for pattern, value in table.items():
+            if pattern.startswith("re:") and re.fullmatch(pattern[3:], fqn):
+                return value
+    return table.get("_default")
+
+
+class TorchAoQuantizer(qcore.Quantizer):
+    """The torchao backend's quantizer (one per load)."""
+
+    required_packages = ("torchao",)
+    use_keep_in_fp32_modules = True
+    requires_calibration = False
+    is_trainable = True
+    is_compileable = True
+
+    def __init__(self, quantization_config: qcore.QuantizationConfig, *, pre_quantized: bool = False) -> None:
+        super().__init__(quantization_config, pre_quantized=pre_quantized)
+        self._targets: set[str] = set()
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._torch_dtype: torch.dtype | None = None
+        self._where = "the checkpoint"
+
+    # --- stage 2 --------------------------------------------------------------------------------
+
+    @qcore.hookimpl
+    def validate_environment(self, device_map: Any) -> None:
+        import torchao
+
+        installed = _version_tuple(torchao.__version__)
+        needed = MIN_TORCHAO_SAFETENSORS if self.pre_quantized else MIN_TORCHAO
+        if installed < needed:
+            what = "loading torchao safetensors checkpoints" if self.pre_quantized else "qcore-torchao"
+            raise qcore.QuantizerEnvironmentError(
+                f"{what} needs torchao >= {'.'.join(map(str, needed))}, found {torchao.__version__}: "
+                "pip install -U torchao"
+            )
+        problem = hardware_problem(self.quantization_config.quant_type, _device_types(device_map))
+        if problem:
+            raise qcore.ConfigError(f"quant_type: {problem}", option="quant_type")
+
+    @qcore.hookimpl
+    def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype:
+        if torch_dtype is None:
+            # torchao's kernels expect the activations in the unquantized weights' dtype; diffusers
+            # defaults to bfloat16 for the same reason.
+            logger.info("torch_dtype not given; torchao loads use torch.bfloat16")
+            torch_dtype = torch.bfloat16
+        self._torch_dtype = torch_dtype
+        return torch_dtype
+
+    # --- stage 4 --------------------------------------------------------------------------------
+
+    @qcore.hookimpl
+    def preprocess_model(self, model: nn.Module, keep_in_fp32_modules: list[str]) -> None:
+        skip = [*self.modules_to_not_convert, *keep_in_fp32_modules]
+        self._targets = {
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not qcore.module_matches(name, skip)
+        }
+        if not self._targets and not self.pre_quantized:
+            logger.warning(
+                "%s has no nn.Linear left to quantize (modules_to_not_convert=%s): the model loads unquantized",
+                type(model).__name__,
+                skip,
+            )
+
+    @qcore.hookimpl
+    def adjust_target_dtype(self, torch_dtype: torch.dtype) -> Any:
+        from accelerate.utils import CustomDtype
+
+        names = [type(c).__name__ for c in self._leaf_configs()]
+        if names and all(_INT4_NAME.search(n) for n in names):
+            return CustomDtype.INT4
+        return torch.int8
+
+    @qcore.hookimpl
+    def adjust_max_memory(self, max_memory: dict[Any, int]) -> dict[Any, int]:
+        # Room for the one unquantized weight being quantized, and torchao's temporaries.
+        return {key: int(value * 0.9) for key, value in max_memory.items()}
+
+    def _leaf_configs(self) -> list[Any]:
+        config = self.quantization_config.quant_type
+        table = getattr(config, "fqn_to_config", None)
+        if isinstance(table, dict):
+            return [c for c in table.values() if c is not None]
+        return [config]
+
+    # --- stage 5 --------------------------------------------------------------------------------
+
+    @qcore.hookimpl
+    def group_checkpoint_keys(
+        self, checkpoint_keys: Sequence[str], metadata: Mapping[str, str]
+    ) -> dict[str, list[str]]:
+        if not self.pre_quantized:
+            return {key: [key] for key in checkpoint_keys}
+        if TENSOR_NAMES_KEY not in metadata:
+            raise qcore.CorruptCheckpointError(
+                "the checkpoint's config.json says it is torchao-quantized, but its safetensors files "
+                "carry no torchao tensor metadata ('tensor_names'). It was probably saved as a pickle "
+                "(safe_serialization=False) or by a torchao older than 0.16; save it again with "
+                "safetensors (qcore.save_pretrained, or diffusers with torchao >= 0.16)"
+            )
+        try:
+            names = json.loads(metadata[TENSOR_NAMES_KEY])
+        except json.JSONDecodeError as exc:
+            raise qcore.CorruptCheckpointError(
+                f"the checkpoint's safetensors metadata 'tensor_names' is not valid JSON ({exc})"
+            ) from exc
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise qcore.CorruptCheckpointError("the checkpoint's 'tensor_names' metadata must be a list of names")
+        saved_with = metadata.get(TORCHAO_VERSION_KEY)
+        if saved_with and saved_with != torchao_version():
+            logger.warning(
+                "the checkpoint was saved with torchao %s, torchao %s is installed; its tensors are "
+                "rebuilt with the installed version",
+                saved_with,
+                torchao_version(),
+            )
+        groups: dict[str, list[str]] = {}
+        self._entries = {}
+        for name in names:
+            entry = parse_tensor_entry(metadata.get(name), name, self._where)
+            if entry["_type"] == PLAIN_TENSOR_TYPE:
+                groups[name] = [name]
+            else:
+                self._entries[name] = entry
+                groups[name] = [flattened_key(name, part) for part in entry["_tensor_data_names"]]
+        return groups
+
+    @qcore.hookimpl
+    def check_if_quantized_param(self, param_name: str) -> bool:
+        if self.pre_quantized:
+            return param_name in self._entries
+        module_name, _, tensor_name = param_name.rpartition(".")
+        return tensor_name == "weight" and module_name in self._targets
+
+    @qcore.hookimpl
+    def create_quantized_param(
+        self,
+        model: nn.Module,
+        param_name: str,
+        param_value: torch.Tensor | None,
+        target_device: torch.device,
+        state_dict: Mapping[str, torch.Tensor],
+    ) -> None:
+        module_name, _, tensor_name = param_name.rpartition(".")
+        module = model.get_submodule(module_name)
+        expected = tuple(getattr(module, tensor_name).shape)
+        if self.pre_quantized:
+            entry = copy.deepcopy(self._entries[param_name])
+            prefix = flattened_key(param_name, "")
+            parts = {key[len(prefix) :]: value.to(target_device) for key, value in state_dict.items()}
+            weight = build_tensor(entry, parts, param_name, self._where)
+            if tuple(weight.shape) != expected:
+                raise qcore.ShapeMismatchError(
+                    f"{param_name!r} in {self._where} rebuilds to shape {tuple(weight.shape)}, the model "
+                    f"expects {expected}"
+                )
+            module._parameters[tensor_name] = nn.Parameter(weight, requires_grad=False)
+            return
+        assert param_value is not None
+        if tuple(param_value.shape) != expected:
+            raise qcore.ShapeMismatchError(
+                f"{param_name!r} has shape {tuple(param_value.shape)} in the checkpoint, the model "
+                f"expects {expected}"
+            )
+        dtype = self._torch_dtype or param_value.dtype
+        module._parameters[tensor_name] = nn.Parameter(
+            param_value.to(device=target_device, dtype=dtype), requires_grad=False
+        )
+        config = _resolve_fqn_config(self.quantization_config.quant_type, module_name, param_name)
+        if config is None:
+            return  # an FqnToConfig that leaves this module unquantized
+        if getattr(config, "fqn_to_config", None) is not None:
+            raise qcore.ConfigError(
+                f"nested FqnToConfig entries are not supported (resolved for {param_name!r}); map each "
+                "name to a torchao config or to None",
+                option="quant_type",
+            )
+        from torchao.quantization import quantize_
+
+        try:
+            quantize_(module, config)
+        except qcore.QcoreError:
+            raise
+        except Exception as exc:  # torchao signals missing kernels/hardware with assorted types
+            raise qcore.QuantizerEnvironmentError(
+                f"torchao {torchao_version()} could not quantize {module_name!r} with "
+                f"{type(config).__name__} on {target_device}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    # --- finish, dequantize, save ---------------------------------------------------------------
+
+    @qcore.hookimpl
+    def dequantize(self, model: nn.Module) -> nn.Module:
+        from torchao.utils import TorchAOBaseTensor
+
+        dtype = self.pre_quantization_dtype or self._torch_dtype or torch.bfloat16
+        plain: dict[str, torch.Tensor] = {}
+        # Every weight is dequantized before any is replaced, so a failure leaves the model as it was.
+        for name, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, TorchAOBaseTensor):
+                continue
+            try:
+                plain[name] = weight.dequantize().to(dtype)
+            except (NotImplementedError, AttributeError, RuntimeError, TypeError) as exc:
+                raise qcore.DequantizeError(
+                    f"torchao {torchao_version()} cannot dequantize {name}.weight, a "
+                    f"{type(weight).__name__} ({type(exc).__name__}: {exc}); reload the unquantized "
+                    "checkpoint instead"
+                ) from exc
+        for name, value in plain.items():
+            module = model.get_submodule(name)
+            module._parameters["weight"] = nn.Parameter(value, requires_grad=False)
+        return model
+
+    @qcore.hookimpl
+    def is_serializable(self) -> bool:
+        import torchao
+
+        if _version_tuple(torchao.__version__) < MIN_TORCHAO_SAFETENSORS:
+            logger.error("saving torchao models as safetensors needs torchao >= 0.16")
+            return False
+        return True
+
+    @qcore.hookimpl
+    def get_state_dict_and_metadata(
+        self, state_dict: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        return flatten(state_dict)
