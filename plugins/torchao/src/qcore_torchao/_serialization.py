@@ -236,6 +236,13 @@ def build_tensor(entry: Mapping[str, Any], parts: Mapping[str, torch.Tensor], na
     """The torchao tensor subclass described by ``entry`` with its inner tensors ``parts``."""
     from torchao.prototype.safetensors.safetensors_utils import object_from_dict
 
+    qdata = parts.get("qdata")
+    if qdata is not None and qdata.is_floating_point() and qdata.element_size() > 1:
+        # Every torchao format stores its quantized values in 8 bits or fewer (packed in integers).
+        raise qcore.CorruptCheckpointError(
+            f"{where}: {flattened_key(name, 'qdata')!r} of {name!r} ({entry['_type']}) is {qdata.dtype}, "
+            "not a quantized dtype; the checkpoint is damaged or not a torchao checkpoint"
+        )
     data = {**entry["_data"], **parts}
     try:
         return object_from_dict({"_type": entry["_type"], "_data": data})
