@@ -1,0 +1,548 @@
+"""The bitsandbytes quantizer: qcore's lifecycle hooks for 4-bit (NF4/FP4) and 8-bit (LLM.int8) loads.
+
+On-disk layout (the one diffusers and transformers write, so checkpoints move both ways), per Linear:
+
+- 4-bit: ``weight`` (packed, ``bnb_4bit_quant_storage`` dtype, shape ``(ceil(n/2)/itemsize, 1)``),
+  ``weight.absmax``, ``weight.quant_map``, with double quant also ``weight.nested_absmax`` and
+  ``weight.nested_quant_map``, and ``weight.quant_state.bitsandbytes__nf4|fp4`` (JSON packed in uint8).
+- 8-bit: ``weight`` (int8), ``SCB`` (float32 row scales), ``weight_format`` (uint8, 0 = row-major).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+import qcore
+
+from ._config import BitsAndBytesConfig
+
+logger = logging.getLogger("qcore_bnb")
+
+MIN_BITSANDBYTES = (0, 45)
+QUANT_STATE_KEYS = ("quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4")
+STATS_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", *QUANT_STATE_KEYS)
+STATS_8BIT = ("SCB", "weight_format")
+# bitsandbytes' code tables: 16 values for nf4/fp4, 256 for the 8-bit dynamic map of double quant.
+QUANT_MAP_SIZE = 16
+NESTED_QUANT_MAP_SIZE = 256
+ROW_MAJOR_FORMAT = 0
+
+
+def _bnb() -> Any:
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+def stat_owner(key: str) -> str | None:
+    """The weight a checkpoint key of bitsandbytes statistics belongs to, or None for other keys."""
+    for suffix in STATS_4BIT:
+        if key.endswith(f".weight.{suffix}") or key == f"weight.{suffix}":
+            return key[: -len(suffix) - 1]
+    for suffix in STATS_8BIT:
+        if key.endswith(f".{suffix}") or key == suffix:
+            return key[: -len(suffix)] + "weight"
+    return None
+
+
+def packed_4bit_shape(numel: int, storage: torch.dtype) -> tuple[int, int]:
+    """The shape bitsandbytes gives a 4-bit weight of ``numel`` values packed into ``storage``."""
+    return ((numel + 1) // (storage.itemsize * 2), 1)
+
+
+def _split(model: nn.Module, param_name: str) -> tuple[nn.Module, str]:
+    module_name, _, tensor_name = param_name.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), tensor_name
+
+
+def _corrupt(key: str, problem: str) -> qcore.CorruptCheckpointError:
+    return qcore.CorruptCheckpointError(
+        f"{key!r}: {problem}. The checkpoint is damaged or was not written by bitsandbytes; re-save it "
+        "from the unquantized weights."
+    )
+
+
+class BitsAndBytesQuantizer(qcore.Quantizer):
+    """Replaces ``nn.Linear`` by ``bitsandbytes.nn.Linear4bit`` / ``Linear8bitLt`` and fills them.
+
+    Quantization happens tensor by tensor, on each tensor's target device (CPU or CUDA), as the
+    checkpoint is read; pre-quantized checkpoints are read in diffusers' layout.
+    """
+
+    required_packages = ("bitsandbytes",)
+    use_keep_in_fp32_modules = True
+    is_trainable = True
+    is_compileable = True
+
+    quantization_config: BitsAndBytesConfig
+
+    def __init__(self, quantization_config: qcore.QuantizationConfig, *, pre_quantized: bool = False) -> None:
+        super().__init__(quantization_config, pre_quantized=pre_quantized)
+        self.modules_to_not_convert = list(self.quantization_config.llm_int8_skip_modules or [])
+        self.torch_dtype: torch.dtype | None = None
+
+    @property
+    def _is_4bit(self) -> bool:
+        return self.quantization_config.load_in_4bit
+
+    # --- stage 2 ------------------------------------------------------------------------------
+
+    @qcore.hookimpl
+    def validate_environment(self, device_map: Any) -> None:
+        config = self.quantization_config
+        if not config.is_quantizable():
+            raise qcore.ConfigError(
+                "BitsAndBytesConfig asks for neither 4- nor 8-bit weights: pass load_in_4bit=True or "
+                "load_in_8bit=True",
+                option="load_in_4bit",
+            )
+        try:
+            bnb = _bnb()
+        except ImportError as exc:
+            raise qcore.QuantizerEnvironmentError(
+                f"the bitsandbytes backend could not import bitsandbytes ({exc}): "
+                "pip install 'bitsandbytes>=0.45'"
+            ) from exc
+        found = tuple(int(p) for p in bnb.__version__.split(".")[:2] if p.isdigit())
+        if found < MIN_BITSANDBYTES:
+            raise qcore.QuantizerEnvironmentError(
+                f"bitsandbytes {bnb.__version__} is too old for qcore-bnb: "
+                "pip install -U 'bitsandbytes>=0.45'"
+            )
+        if isinstance(device_map, Mapping):
+            devices = {str(v) for v in device_map.values()}
+            if "disk" in devices:
+                raise qcore.ConfigError(
+                    "device_map puts modules on 'disk'; bitsandbytes weights cannot be offloaded to disk. "
+                    "Place them on 'cpu' (with llm_int8_enable_fp32_cpu_offload=True) or an accelerator.",
+                    option="device_map",
+                )
+            if len(devices) > 1 and "cpu" in devices and not config.llm_int8_enable_fp32_cpu_offload:
+                raise qcore.ConfigError(
+                    "device_map splits the model between 'cpu' and an accelerator; the modules on 'cpu' "
+                    "are then kept unquantized, which needs BitsAndBytesConfig("
+                    "llm_int8_enable_fp32_cpu_offload=True). Set it, or place the whole model on one device.",
+                    option="llm_int8_enable_fp32_cpu_offload",
+                )
+
+    @qcore.hookimpl
+    def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype:
+        if torch_dtype is None:
+            logger.info(
+                "torch_dtype not given: the unquantized parameters are loaded in float16, as diffusers "
+                "does for bitsandbytes; pass torch_dtype to choose another dtype."
+            )
+            torch_dtype = torch.float16
+        self.torch_dtype = torch_dtype
+        return torch_dtype
+
+    @qcore.hookimpl
+    def update_device_map(self, device_map: Any) -> Any:
+        # diffusers puts the model on the current accelerator when no device_map is given; qcore does
+        # the same, but falls back to the CPU (bitsandbytes' CPU backend) instead of refusing.
+        if device_map is None and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+            logger.info("device_map not given: loading onto %s", device)
+            return {"": device}
+        return device_map
+
+    # --- stage 4 ------------------------------------------------------------------------------
+
+    @qcore.hookimpl
+    def preprocess_model(self, model: nn.Module, device_map: Any, keep_in_fp32_modules: list[str]) -> None:
+        config = self.quantization_config
+        skip = list(config.llm_int8_skip_modules or []) + list(keep_in_fp32_modules)
+        if isinstance(device_map, Mapping) and len({str(v) for v in device_map.values()}) > 1:
+            skip += [name for name, dev in device_map.items() if str(dev) == "cpu"]
+        self.modules_to_not_convert = list(dict.fromkeys(skip))
+        bnb = _bnb()
+
+        def make(name: str, linear: nn.Linear) -> nn.Module:
+            bias = linear.bias is not None
+            if config.load_in_8bit:
+                return bnb.nn.Linear8bitLt(
+                    linear.in_features,
+                    linear.out_features,
+                    bias,
+                    has_fp16_weights=config.llm_int8_has_fp16_weight,
+                    threshold=config.llm_int8_threshold,
+                )
+            module = bnb.nn.Linear4bit(
+                linear.in_features,
+                linear.out_features,
+                bias,
+                compute_dtype=config.bnb_4bit_compute_dtype,
+                compress_statistics=config.bnb_4bit_use_double_quant,
+                quant_type=config.bnb_4bit_quant_type,
+                quant_storage=config.bnb_4bit_quant_storage,
+            )
+            # On AVX512-BF16 CPUs bitsandbytes repacks a weight in place on its first forward, storing
+            # absmax in bf16 and re-quantizing the nested stats when saving: a save after a forward
+            # would no longer be the quantization that was loaded. The repacked kernel is not faster
+            # for these shapes (measured), so qcore keeps the portable layout.
+            module.support_avx512bf16_for_cpu = False
+            return module
+
+        replaced = qcore.replace_linear_layers(model, make, modules_to_not_convert=self.modules_to_not_convert)
+        if not replaced:
+            logger.warning(
+                "%s has no nn.Linear outside modules_to_not_convert %s: nothing is quantized by bitsandbytes",
+                type(model).__name__,
+                self.modules_to_not_convert,
+            )
+        logger.debug("bitsandbytes replaced %d Linear layers", len(replaced))
+
+    @qcore.hookimpl
+    def adjust_target_dtype(self, torch_dtype: torch.dtype) -> Any:
+        if self._is_4bit:
+            from accelerate.utils import CustomDtype
+
+            return CustomDtype.INT4
+        return torch.int8
+
+    @qcore.hookimpl
+    def get_special_dtypes_update(self, model: nn.Module, torch_dtype: torch.dtype) -> dict[str, torch.dtype]:
+        bnb = _bnb()
+        quantized = (bnb.nn.Params4bit, bnb.nn.Int8Params)
+        return {name: torch_dtype for name, p in model.named_parameters() if not isinstance(p, quantized)}
+
+    @qcore.hookimpl
+    def adjust_max_memory(self, max_memory: dict[Any, int]) -> dict[Any, int]:
+        # Quantizing on the device needs work buffers next to the weights.
+        return {device: int(limit * 0.90) for device, limit in max_memory.items()}
+
+    # --- stage 5 ------------------------------------------------------------------------------
+
+    def _quantized_weights(self, model: nn.Module) -> dict[str, nn.Module]:
+        bnb = _bnb()
+        return {
+            f"{name}.weight" if name else "weight": module
+            for name, module in model.named_modules()
+            if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+        }
+
+    def _required_stats(self) -> tuple[str, ...]:
+        config = self.quantization_config
+        if self._is_4bit:
+            required = ("absmax", "quant_map", f"quant_state.bitsandbytes__{config.bnb_4bit_quant_type}")
+            if config.bnb_4bit_use_double_quant:
+                required += ("nested_absmax", "nested_quant_map")
+            return tuple(f".{s}" for s in required)
+        return () if config.llm_int8_has_fp16_weight else ("SCB",)
+
+    @qcore.hookimpl
+    def group_checkpoint_keys(self, model: nn.Module, checkpoint_keys: Sequence[str]) -> dict[str, list[str]]:
+        if not self.pre_quantized:
+            return {key: [key] for key in checkpoint_keys}
+        groups: dict[str, list[str]] = {}
+        for key in checkpoint_keys:
+            owner = stat_owner(key) or key
+            groups.setdefault(owner, []).append(key)
+        # Naming the statistics a weight needs makes qcore report a missing one by its key and file,
+        # and makes it read them from whichever shard holds them.
+        for weight in self._quantized_weights(model):
+            if weight not in groups:
+                continue  # reported as a missing parameter after loading
+            group = groups[weight]
+            prefix = weight.removesuffix("weight")
+            for stat in self._required_stats():
+                key = f"{weight}{stat}" if stat.startswith(".") else f"{prefix}{stat}"
+                if key not in group:
+                    group.append(key)
+            if weight not in group:
+                group.insert(0, weight)
+        return groups
+
+    @qcore.hookimpl
+    def check_if_quantized_param(
+        self, model: nn.Module, param_name: str, state_dict: Mapping[str, torch.Tensor]
+    ) -> bool:
+        bnb = _bnb()
+        module, tensor_name = _split(model, param_name)
+        if tensor_name == "weight" and isinstance(
+            module._parameters.get(tensor_name), (bnb.nn.Params4bit, bnb.nn.Int8Params)
+        ):
+            return True
+        extra = sorted(key for key in state_dict if key != param_name)
+        if extra:
+            raise qcore.CorruptCheckpointError(
+                f"the checkpoint has bitsandbytes statistics {', '.join(extra)} for {param_name!r}, but that "
+                "module is not quantized in this load (llm_int8_skip_modules or keep_in_fp32_modules name "
+                "it); load with the checkpoint's own quantization_config"
+            )
+        return False
+
+    @qcore.hookimpl
+    def check_quantized_param_shape(
+        self, param_name: str, current_param: torch.Tensor, loaded_param: torch.Tensor
+    ) -> bool:
+        bnb = _bnb()
+        if isinstance(current_param, bnb.nn.Params4bit):
+            expected = packed_4bit_shape(current_param.numel(), loaded_param.dtype)
+            if tuple(loaded_param.shape) != expected:
+                raise qcore.ShapeMismatchError(
+                    f"{param_name!r}: a 4-bit weight of shape {tuple(current_param.shape)} packed as "
+                    f"{loaded_param.dtype} has shape {expected}, the checkpoint has "
+                    f"{tuple(loaded_param.shape)}. The checkpoint does not belong to this model config."
+                )
+            return True
+        if tuple(loaded_param.shape) != tuple(current_param.shape):
+            raise qcore.ShapeMismatchError(
+                f"{param_name!r}: the checkpoint has shape {tuple(loaded_param.shape)}, the model expects "
+                f"{tuple(current_param.shape)}"
+            )
+        return True
+
+    @qcore.hookimpl
+    def create_quantized_param(
+        self,
+        model: nn.Module,
+        param_name: str,
+        param_value: torch.Tensor | None,
+        target_device: torch.device,
+        state_dict: Mapping[str, torch.Tensor],
+    ) -> None:
+        bnb = _bnb()
+        module, tensor_name = _split(model, param_name)
+        if param_value is None:
+            raise qcore.MissingKeysError([param_name], "the checkpoint")
+        old = module._parameters[tensor_name]
+        if not self.pre_quantized:
+            if not param_value.is_floating_point():
+                raise _corrupt(
+                    param_name,
+                    f"is {param_value.dtype}, not a floating-point weight, but config.json has no "
+                    "quantization_config to say how it was quantized",
+                )
+            if param_value.shape != old.shape:
+                raise qcore.ShapeMismatchError(
+                    f"{param_name!r}: the checkpoint has shape {tuple(param_value.shape)}, the model expects "
+                    f"{tuple(old.shape)}"
+                )
+        if isinstance(old, bnb.nn.Params4bit):
+            new = self._create_4bit(bnb, module, param_name, param_value, old, target_device, state_dict)
+        else:
+            new = self._create_8bit(bnb, module, param_name, param_value, target_device, state_dict)
+        module._parameters[tensor_name] = new
+
+    def _create_4bit(
+        self,
+        bnb: Any,
+        module: nn.Module,
+        param_name: str,
+        value: torch.Tensor,
+        old: Any,
+        device: torch.device,
+        state_dict: Mapping[str, torch.Tensor],
+    ) -> Any:
+        if not self.pre_quantized:
+            param = bnb.nn.Params4bit(
+                value,
+                requires_grad=False,
+                blocksize=old.blocksize,
+                compress_statistics=old.compress_statistics,
+                quant_type=old.quant_type,
+                quant_storage=old.quant_storage,
+                module=module,
+            )
+            return param.to(device)  # Params4bit quantizes on its first move to a real device
+        stats = self._checked_4bit_stats(param_name, value, tuple(old.shape), state_dict)
+        param = bnb.nn.Params4bit.from_prequantized(
+            data=value, quantized_stats=stats, requires_grad=False, device=device, module=module
+        )
+        module.quant_storage = value.dtype
+        return param
+
+    def _checked_4bit_stats(
+        self,
+        param_name: str,
+        value: torch.Tensor,
+        shape: tuple[int, ...],
+        state_dict: Mapping[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """The weight's statistics, checked so a damaged one is reported by its key."""
+        prefix = f"{param_name}."
+        stats = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        unknown = sorted(set(stats) - set(STATS_4BIT))
+        if unknown:
+            raise _corrupt(prefix + unknown[0], "is not a bitsandbytes 4-bit statistic")
+        state_keys = [k for k in QUANT_STATE_KEYS if k in stats]
+        if len(state_keys) != 1:
+            raise qcore.MissingKeysError(
+                [prefix + k for k in QUANT_STATE_KEYS] if not state_keys else [prefix + k for k in state_keys],
+                "the checkpoint (exactly one quant_state.bitsandbytes__nf4|fp4 per 4-bit weight)",
+            )
+        state_key = prefix + state_keys[0]
+        info = self._quant_state_info(state_key, stats[state_keys[0]])
+        quant_type = state_keys[0].rpartition("__")[2]
+        if info.get("quant_type") != quant_type:
+            raise _corrupt(state_key, f"says quant_type {info.get('quant_type')!r}, its key says {quant_type!r}")
+        if list(info.get("shape") or []) != list(shape):
+            raise _corrupt(state_key, f"is for a weight of shape {info.get('shape')}, the model's is {list(shape)}")
+        blocksize = info.get("blocksize")
+        if not isinstance(blocksize, int) or blocksize <= 0:
+            raise _corrupt(state_key, f"has blocksize {blocksize!r}")
+        if info.get("dtype") not in ("float32", "float16", "bfloat16"):
+            raise _corrupt(state_key, f"has dtype {info.get('dtype')!r}")
+        if value.numel() * value.element_size() != (math.prod(shape) + 1) // 2:
+            raise _corrupt(
+                param_name,
+                f"holds {value.numel() * value.element_size()} bytes, a 4-bit {shape} weight needs "
+                f"{(math.prod(shape) + 1) // 2}",
+            )
+        nested = "nested_absmax" in stats or "nested_quant_map" in stats or "nested_blocksize" in info
+        blocks = math.ceil(math.prod(shape) / blocksize)
+        for name in ("absmax", "quant_map", *(("nested_absmax", "nested_quant_map") if nested else ())):
+            if name not in stats:
+                raise qcore.MissingKeysError([prefix + name], "the checkpoint")
+        self._check_stat(prefix + "quant_map", stats["quant_map"], QUANT_MAP_SIZE, (torch.float32,))
+        if nested:
+            for field in ("nested_blocksize", "nested_dtype", "nested_offset"):
+                if field not in info:
+                    raise _corrupt(state_key, f"lacks {field!r}, which double-quantized statistics need")
+            self._check_stat(prefix + "absmax", stats["absmax"], blocks, (torch.uint8,))
+            nested_blocks = math.ceil(blocks / int(info["nested_blocksize"]))
+            self._check_stat(prefix + "nested_absmax", stats["nested_absmax"], nested_blocks, (torch.float32,))
+            self._check_stat(
+                prefix + "nested_quant_map", stats["nested_quant_map"], NESTED_QUANT_MAP_SIZE, (torch.float32,)
+            )
+        else:
+            self._check_stat(prefix + "absmax", stats["absmax"], blocks, (torch.float32,))
+        return {prefix + k: v for k, v in stats.items()}
+
+    @staticmethod
+    def _quant_state_info(key: str, packed: torch.Tensor) -> dict[str, Any]:
+        if packed.dtype != torch.uint8 or packed.dim() != 1:
+            raise _corrupt(
+                key, f"must be a 1-D uint8 tensor of packed JSON, found {packed.dtype} {tuple(packed.shape)}"
+            )
+        try:
+            info = json.loads(bytes(packed.tolist()).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise _corrupt(key, f"is not valid packed JSON ({exc})") from exc
+        if not isinstance(info, dict):
+            raise _corrupt(key, "does not hold a JSON object")
+        return info
+
+    @staticmethod
+    def _check_stat(key: str, tensor: torch.Tensor, numel: int, dtypes: tuple[torch.dtype, ...]) -> None:
+        if tensor.dtype not in dtypes:
+            raise _corrupt(key, f"is {tensor.dtype}, expected {', '.join(map(str, dtypes))}")
+        if tensor.numel() != numel:
+            raise _corrupt(key, f"has {tensor.numel()} values, expected {numel}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise _corrupt(key, "contains NaN or infinite values")
+
+    def _create_8bit(
+        self,
+        bnb: Any,
+        module: nn.Module,
+        param_name: str,
+        value: torch.Tensor,
+        device: torch.device,
+        state_dict: Mapping[str, torch.Tensor],
+    ) -> Any:
+        config = self.quantization_config
+        prefix = param_name.removesuffix("weight")
+        if config.llm_int8_has_fp16_weight:
+            # 16-bit master weights, quantized by bitsandbytes at every forward.
+            data = value.to(device=device, dtype=self.torch_dtype or value.dtype)
+            return bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=True)
+        if not self.pre_quantized:
+            param = bnb.nn.Int8Params(value, requires_grad=False, has_fp16_weights=False)
+            return param.to(device)  # Int8Params quantizes on its first move off the CPU tensor
+        if value.dtype != torch.int8:
+            raise _corrupt(param_name, f"is {value.dtype}; a pre-quantized 8-bit weight must be int8")
+        scb_key = f"{prefix}SCB"
+        if scb_key not in state_dict:
+            raise qcore.MissingKeysError([scb_key], "the checkpoint")
+        scb = state_dict[scb_key]
+        self._check_stat(scb_key, scb, value.shape[0], (torch.float32, torch.float16, torch.bfloat16))
+        format_key = f"{prefix}weight_format"
+        if format_key in state_dict:
+            fmt = state_dict[format_key]
+            if fmt.numel() != 1 or int(fmt.reshape(-1)[0]) != ROW_MAJOR_FORMAT:
+                raise _corrupt(format_key, f"is {fmt.tolist()}; only 0 (row-major) is supported")
+        param = bnb.nn.Int8Params(value, requires_grad=False, has_fp16_weights=False, SCB=scb.float())
+        return param.to(device)
+
+    @qcore.hookimpl
+    def update_missing_keys(self, missing_keys: list[str]) -> list[str]:
+        # Statistics are created with their weight, never loaded as parameters of their own.
+        return [key for key in missing_keys if stat_owner(key) is None]
+
+    # --- stage 6, saving, dequantize ----------------------------------------------------------
+
+    @qcore.hookimpl
+    def postprocess_model(self, model: nn.Module) -> None:
+        # The flags diffusers' ModelMixin reads (e.g. to refuse .to(dtype) and to know it may save).
+        model.is_loaded_in_4bit = self._is_4bit
+        model.is_loaded_in_8bit = not self._is_4bit
+        setattr(model, "is_4bit_serializable" if self._is_4bit else "is_8bit_serializable", True)
+
+    @qcore.hookimpl
+    def is_serializable(self) -> bool:
+        return True
+
+    @qcore.hookimpl
+    def get_state_dict_and_metadata(
+        self, model: nn.Module, state_dict: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        # bitsandbytes' own state_dict already has diffusers' layout; check every quantized weight
+        # carries its statistics so a save never writes a checkpoint that cannot load.
+        missing = [
+            f"{weight}{stat}" if stat.startswith(".") else f"{weight.removesuffix('weight')}{stat}"
+            for weight in self._quantized_weights(model)
+            for stat in self._required_stats()
+            if (f"{weight}{stat}" if stat.startswith(".") else f"{weight.removesuffix('weight')}{stat}")
+            not in state_dict
+        ]
+        if missing:
+            raise qcore.SerializationError(
+                f"quantized weights lack their bitsandbytes statistics ({', '.join(missing[:5])}); the "
+                "model was modified after loading. Reload it before saving."
+            )
+        if self.torch_dtype is not None:
+            # bitsandbytes' forward casts a quantized Linear's bias to the compute dtype in place; the
+            # bias was loaded in torch_dtype, so casting back is exact and keeps saves reproducible.
+            for weight in self._quantized_weights(model):
+                bias = f"{weight.removesuffix('weight')}bias"
+                if bias in state_dict and state_dict[bias].dtype != self.torch_dtype:
+                    state_dict[bias] = state_dict[bias].to(self.torch_dtype)
+        return state_dict, {}
+
+    @qcore.hookimpl
+    def dequantize(self, model: nn.Module) -> nn.Module:
+        bnb = _bnb()
+        dtype = self.pre_quantization_dtype or self.torch_dtype or torch.float16
+        for name, module in list(model.named_modules()):
+            if isinstance(module, bnb.nn.Linear4bit):
+                weight = module.weight
+                dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+            elif isinstance(module, bnb.nn.Linear8bitLt):
+                weight = module.weight
+                scb = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+                if scb is None:  # 16-bit master weights
+                    dense = weight.data
+                else:
+                    dense = bnb.functional.int8_vectorwise_dequant(weight.data, scb)
+            else:
+                continue
+            linear = nn.Linear(
+                module.in_features, module.out_features, bias=module.bias is not None, device="meta", dtype=dtype
+            )
+            linear.weight = nn.Parameter(dense.to(dtype).reshape(module.out_features, module.in_features))
+            if module.bias is not None:
+                linear.bias = nn.Parameter(module.bias.data.to(dtype))
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, linear)
+        model.is_loaded_in_4bit = False
+        model.is_loaded_in_8bit = False
+        return model
