@@ -112,7 +112,10 @@ def parse_config(data: Any, where: str) -> Any:
             option="quant_type",
         )
 
-    def visit(node: Mapping[str, Any], path: str) -> None:
+    data = json.loads(json.dumps(data))  # a private copy: versions of nested parts are adjusted below
+    nested_versions: list[str] = []
+
+    def visit(node: dict[str, Any], path: str) -> None:
         name = node["_type"]
         if name == "torch.dtype":
             _check_dtype(node, f"{where}{path}", qcore.ConfigError)
@@ -126,8 +129,22 @@ def parse_config(data: Any, where: str) -> Any:
                 "torchao, or pass a TorchAoConfig built in code",
                 option="quant_type",
             )
+        # Only AOBaseConfigs have a version field; torchao would pass another version of a
+        # granularity or named tuple to a constructor that does not take one, and fail.
+        if node is not data and "_version" in node and not issubclass(cls, AOBaseConfig):
+            current = getattr(cls, "version", 1)
+            if node["_version"] != current:
+                nested_versions.append(f"{name} {node['_version']} -> {current}")
+                node["_version"] = current
 
     _walk(data, visit, "")
+    if nested_versions:
+        logger.warning(
+            "%s: parts saved by another torchao version are read as the installed torchao %s's: %s",
+            where,
+            torchao_version(),
+            ", ".join(nested_versions),
+        )
     top = _config_class(data["_type"])
     if top is None or not issubclass(top, AOBaseConfig):
         raise qcore.ConfigError(
@@ -137,7 +154,7 @@ def parse_config(data: Any, where: str) -> Any:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            config = config_from_dict(json.loads(json.dumps(data)))
+            config = config_from_dict(data)
         except Exception as exc:  # torchao raises ValueError/TypeError/AssertionError for stale configs
             raise qcore.ConfigError(
                 f"{where}: torchao {torchao_version()} cannot build {data['_type']} from the stored "
