@@ -304,8 +304,8 @@ def _leaf_problem(config: Any, device_types: set[str]) -> str | None:
         if packing in ("plain", "preshuffled", "tile_packed_to_4d") and device_types - {"cuda"}:
             return (
                 f"Int4WeightOnlyConfig with int4_packing_format={packing!r} runs on CUDA only, not on "
-                f"{', '.join(sorted(device_types - {'cuda'}))}; on CPU use "
-                "IntxWeightOnlyConfig(weight_dtype=torch.int4) ('int4wo' needs a GPU) or 'int4dq'"
+                f"{', '.join(sorted(device_types - {'cuda'}))}; for 4-bit weights on CPU use 'uint4wo', "
+                "'int4dq' or IntxWeightOnlyConfig(weight_dtype=torch.int4)"
             )
         if packing in ("plain", "preshuffled") and not _mslk_ok():
             return (
