@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from importlib.metadata import EntryPoint, entry_points
@@ -94,9 +95,16 @@ def _entry_points(name: str | None = None) -> list[EntryPoint]:
     return list(unique.values())
 
 
+def _normalized(name: str) -> str:
+    # Distribution names compare as packaging does: "qcore_bnb", "qcore.bnb" and "QCore-BNB" are one name.
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def _allowed(quant_method: str, distribution: str | None) -> bool:
     allow = _allow_list()
-    return allow is None or quant_method in allow or (distribution is not None and distribution in allow)
+    if allow is None or quant_method in allow:
+        return True
+    return distribution is not None and _normalized(distribution) in {_normalized(a) for a in allow}
 
 
 def _load_entry_point(ep: EntryPoint) -> Backend:
@@ -208,27 +216,30 @@ def unregister_backend(quant_method: str) -> None:
 
 
 def available_backends() -> list[BackendInfo]:
-    """Every backend registered or installed, each loaded to report its status."""
-    infos: dict[str, BackendInfo] = {}
-    for name, backend in _registered.items():
-        infos[name] = BackendInfo(name, None, None, "ok", backend.config_class.__qualname__)
-    eps = [] if _autoload_disabled() else _entry_points()
+    """Every backend registered or installed, each loaded to report its status.
+
+    A quant_method claimed by several distributions has one entry per distribution.
+    """
+    infos = [
+        BackendInfo(name, None, None, "ok", backend.config_class.__qualname__)
+        for name, backend in _registered.items()
+    ]
+    eps = [] if _autoload_disabled() else [ep for ep in _entry_points() if ep.name not in _registered]
     for ep in eps:
-        if ep.name in infos:
-            continue
         dist, version = _distribution_of(ep)
         if not _allowed(ep.name, dist):
-            infos[ep.name] = BackendInfo(ep.name, dist, version, "disabled", error="not in QCORE_PLUGINS")
+            reason = f"not in QCORE_PLUGINS={os.environ.get('QCORE_PLUGINS')!r}"
+            infos.append(BackendInfo(ep.name, dist, version, "disabled", error=reason))
             continue
         try:
             backend = get_backend(ep.name)
         except BackendError as exc:
-            infos[ep.name] = BackendInfo(ep.name, dist, version, "failed", error=str(exc))
+            infos.append(BackendInfo(ep.name, dist, version, "failed", error=str(exc)))
         else:
-            infos[ep.name] = BackendInfo(
-                ep.name, backend.distribution, backend.version, "ok", backend.config_class.__qualname__
+            infos.append(
+                BackendInfo(ep.name, backend.distribution, backend.version, "ok", backend.config_class.__qualname__)
             )
-    return [infos[name] for name in sorted(infos)]
+    return sorted(infos, key=lambda info: (info.quant_method, info.distribution or ""))
 
 
 def _legacy_quant_method(config: Mapping[str, Any]) -> str | None:
