@@ -284,14 +284,22 @@ class _HubFiles:
 
     def _download(self, filename: str) -> Path | None:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
         try:
             return Path(hf_hub_download(self.repo, self._path(filename), revision=self.revision, token=self.token))
+        except LocalEntryNotFoundError as exc:  # before EntryNotFoundError: it is the offline case
+            raise self._unreachable(exc) from exc
         except EntryNotFoundError:
             return None
         except self._errors() as exc:
             raise CheckpointNotFoundError(f"hub repository {self.repo!r}: {exc}") from exc
+
+    def _unreachable(self, exc: BaseException) -> CheckpointNotFoundError:
+        return CheckpointNotFoundError(
+            f"cannot read {self.location} from the hub and it is not in the local cache "
+            f"({type(exc).__name__}: {exc}); check the network, or pass a local directory"
+        )
 
     def config(self) -> dict[str, Any]:
         path = self._download(CONFIG_NAME)
@@ -300,6 +308,18 @@ class _HubFiles:
         return read_json(path)
 
     def weights(self) -> tuple[list[tuple[str, int | None, dict[str, TensorEntry], dict[str, str]]], str | None]:
+        from ._errors import QcoreError
+
+        try:
+            return self._weights()
+        except QcoreError:
+            raise
+        except self._errors() as exc:
+            raise CheckpointNotFoundError(f"hub repository {self.repo!r}: {exc}") from exc
+        except Exception as exc:  # network and HTTP errors of whichever client huggingface_hub uses
+            raise self._unreachable(exc) from exc
+
+    def _weights(self) -> tuple[list[tuple[str, int | None, dict[str, TensorEntry], dict[str, str]]], str | None]:
         present = {
             info.path: getattr(info, "size", None)
             for info in self.api.get_paths_info(

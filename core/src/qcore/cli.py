@@ -61,7 +61,7 @@ exit codes: 0 ok, 1 qcore error (missing backend, bad checkpoint or config), 2 u
 
 _QUANTIZE_EPILOG = """\
 examples:
-  qcore quantize ./flux-bf16 ./flux-int8 --method torchao --set quant_type=int8_weight_only
+  qcore quantize ./flux-bf16 ./flux-int8 --method torchao --set quant_type=int8wo
   qcore quantize black-forest-labs/FLUX.1-dev ./flux-nf4 --subfolder transformer \\
       --method bitsandbytes --set load_in_4bit=true --set bnb_4bit_quant_type=nf4
   qcore quantize ./tiny ./tiny-q --method int8 --model mypkg.models:TinyModel
