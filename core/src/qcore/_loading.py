@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -90,17 +91,39 @@ def from_pretrained(
         token=token,
     )
     config = read_json(files.config_path)
+    clock = _StageClock()
 
-    quant = resolve_quantization(config, quantization_config, files, observers)                # 1
-    torch_dtype, device_map = prepare(quant, torch_dtype, device_map, low_cpu_mem_usage)      # 2
-    model = build_skeleton(model_cls, config)                                                 # 3
-    keep_fp32 = keep_in_fp32(model, quant, keep_in_fp32_modules)
-    device_map = preprocess(model, quant, torch_dtype, device_map, max_memory, keep_fp32)     # 4
-    with CheckpointReader(files) as reader:                                                   # 5
-        load_weights(model, reader, quant, torch_dtype, device_map, keep_fp32)
-        torch_dtype = torch_dtype or _dominant_float_dtype(reader)
-    finish(model, quant, device_map, torch_dtype, str(pretrained_model_name_or_path))         # 6
+    with CheckpointReader(files) as reader:  # headers only, until stage 5
+        quant = resolve_quantization(config, quantization_config, files, observers)            # 1
+        clock.lap("resolve")
+        torch_dtype, device_map = prepare(quant, torch_dtype, device_map, low_cpu_mem_usage)  # 2
+        clock.lap("prepare")
+        model = build_skeleton(model_cls, config)                                             # 3
+        clock.lap("skeleton")
+        keep_fp32 = keep_in_fp32(model, quant, keep_in_fp32_modules)
+        load_dtype = torch_dtype or _dominant_float_dtype(reader)
+        device_map = preprocess(model, quant, load_dtype, device_map, max_memory, keep_fp32)  # 4
+        clock.lap("preprocess")
+        load_weights(model, reader, quant, torch_dtype, device_map, keep_fp32)               # 5
+        clock.lap("load")
+    finish(model, quant, device_map, load_dtype, str(pretrained_model_name_or_path))         # 6
+    clock.lap("finish")
+    logger.debug("from_pretrained stage times (s): %s", clock)
     return model
+
+
+class _StageClock:
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = round(now - self.last, 4)
+        self.last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{stage} {seconds}" for stage, seconds in self.laps.items())
 
 
 # --- stage 1 ------------------------------------------------------------------------------------
@@ -428,7 +451,9 @@ def finish(
     if len(set(map(str, device_map.values()))) > 1:
         from accelerate import dispatch_model
 
+        # As in diffusers: modules mapped to "cpu" stay in RAM and run on the GPU through hooks.
         dispatch_model(model, device_map={k: str(v) for k, v in device_map.items()})
+        model.hf_device_map = dict(device_map)
     entries: dict[str, Any] = {"_name_or_path": name_or_path}
     if quant is not None:
         quant.quantizer.pre_quantization_dtype = torch_dtype

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -56,9 +57,12 @@ def validate_quantizer_class(
             f"{who}: {quantizer_class.__qualname__} implements check_if_quantized_param but not "
             "create_quantized_param"
         )
+    # Only the marked functions are registered: instantiating the class (or reading its properties)
+    # could fail without a config, and pluggy checks the signatures all the same.
+    hooks_only = types.SimpleNamespace(**{name: getattr(quantizer_class, name) for name in marked})
     pm = _new_manager()
     try:
-        pm.register(object.__new__(quantizer_class), name=quant_method)
+        pm.register(hooks_only, name=quant_method)
     except pluggy.PluginValidationError as exc:
         raise BackendValidationError(f"{who}: {str(exc).replace(chr(10), '; ')}") from exc
 
