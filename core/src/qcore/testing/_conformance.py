@@ -172,45 +172,57 @@ class BackendConformance:
         return [name for name, m in reference.named_modules() if isinstance(m, nn.Linear)]
 
     # --- fixtures (one quantized load per test class) ----------------------------------------------
+    # Class-scoped fixtures are classmethods (pytest runs them once per class, not per instance);
+    # each makes a throwaway instance to call the author's overridable methods.
 
     @pytest.fixture(scope="class")
-    def conformance_dir(self, tmp_path_factory: pytest.TempPathFactory) -> Path:
-        return tmp_path_factory.mktemp(type(self).__name__)
+    @classmethod
+    def conformance_dir(cls, tmp_path_factory: pytest.TempPathFactory) -> Path:
+        return tmp_path_factory.mktemp(cls.__name__)
 
     @pytest.fixture(scope="class")
-    def reference_model(self) -> nn.Module:
-        return self.make_model()
+    @classmethod
+    def reference_model(cls) -> nn.Module:
+        return cls().make_model()
 
     @pytest.fixture(scope="class")
-    def reference_checkpoint(self, conformance_dir: Path, reference_model: nn.Module) -> Path:
+    @classmethod
+    def reference_checkpoint(cls, conformance_dir: Path, reference_model: nn.Module) -> Path:
         path = conformance_dir / "reference"
         save_pretrained(reference_model, path)
         return path
 
     @pytest.fixture(scope="class")
-    def inputs(self, reference_model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return self.make_inputs(reference_model)
+    @classmethod
+    def inputs(cls, reference_model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return cls().make_inputs(reference_model)
 
     @pytest.fixture(scope="class")
-    def reference_output(self, reference_model: nn.Module, inputs: Any) -> torch.Tensor:
-        return self.forward(reference_model, inputs)
+    @classmethod
+    def reference_output(cls, reference_model: nn.Module, inputs: Any) -> torch.Tensor:
+        return cls().forward(reference_model, inputs)
 
     @pytest.fixture(scope="class")
-    def load_recorder(self) -> HookRecorder:
+    @classmethod
+    def load_recorder(cls) -> HookRecorder:
         return HookRecorder()
 
     @pytest.fixture(scope="class")
-    def quantized_model(self, reference_checkpoint: Path, load_recorder: HookRecorder) -> nn.Module:
-        return self.load(reference_checkpoint, quantization_config=self.make_config(), observers=[load_recorder])
+    @classmethod
+    def quantized_model(cls, reference_checkpoint: Path, load_recorder: HookRecorder) -> nn.Module:
+        suite = cls()
+        return suite.load(reference_checkpoint, quantization_config=suite.make_config(), observers=[load_recorder])
 
     @pytest.fixture(scope="class")
-    def quantized_output(self, quantized_model: nn.Module, inputs: Any) -> torch.Tensor:
-        return self.forward(quantized_model, inputs)
+    @classmethod
+    def quantized_output(cls, quantized_model: nn.Module, inputs: Any) -> torch.Tensor:
+        return cls().forward(quantized_model, inputs)
 
     @pytest.fixture(scope="class")
-    def quantized_checkpoint(self, conformance_dir: Path, quantized_model: nn.Module) -> Path:
-        if not self.supports_serialization:
-            pytest.skip(f"{type(self).__name__}.supports_serialization is False")
+    @classmethod
+    def quantized_checkpoint(cls, conformance_dir: Path, quantized_model: nn.Module) -> Path:
+        if not cls.supports_serialization:
+            pytest.skip(f"{cls.__name__}.supports_serialization is False")
         path = conformance_dir / "quantized"
         save_pretrained(quantized_model, path)
         return path
