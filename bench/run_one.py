@@ -155,11 +155,14 @@ def rel_err(out: Any, ref_path: Path, torch: Any) -> float | None:
 
 
 def forward(model: Any, args: argparse.Namespace, torch: Any, record: dict[str, Any]) -> None:
-    tokens, text = (256, 64) if args.device != "cpu" else (64, 16)
+    on_gpu = args.device != "cpu"
+    tokens, text = (256, 64) if on_gpu else (16, 8)
     inputs = flux_inputs(model.config, args.device, torch, tokens, text)
+    record["forward_warmup"] = on_gpu
     with torch.no_grad():
-        model(**inputs, return_dict=False)  # first call: kernel selection, lazy init
-        sync(args.device, torch)
+        if on_gpu:  # first call: kernel selection, lazy init; on the CPU it would only double the time
+            model(**inputs, return_dict=False)
+            sync(args.device, torch)
         t0 = time.perf_counter()
         out = model(**inputs, return_dict=False)[0]
         sync(args.device, torch)
@@ -232,6 +235,9 @@ def run(args: argparse.Namespace, record: dict[str, Any]) -> None:
         load = load_raw(args.loader, path, args.device, args.threads)
     record["rss_before_gb"] = round(rss_bytes() / GB, 3)
     base_gpu = torch.cuda.memory_allocated() if args.device.startswith("cuda") else 0
+    if args.device.startswith("cuda"):
+        free, total = torch.cuda.mem_get_info()
+        base_used = total - free
 
     profiler = None
     if args.profile:
@@ -252,6 +258,9 @@ def run(args: argparse.Namespace, record: dict[str, Any]) -> None:
     if args.device.startswith("cuda"):
         record["peak_gpu_gb"] = round((torch.cuda.max_memory_allocated() - base_gpu) / GB, 3)
         record["model_gpu_gb"] = round((torch.cuda.memory_allocated() - base_gpu) / GB, 3)
+        # what the driver sees, allocations outside torch's allocator included (a loader's own buffers)
+        free, total = torch.cuda.mem_get_info()
+        record["device_used_after_gb"] = round((total - free - base_used) / GB, 3)
     files = safetensors_files(path)
     record["checkpoint_gb"] = round(sum(os.path.getsize(f) for f in files) / GB, 3)
     if args.loader in MODEL_LOADERS:

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The whole GPU benchmark in one command, for a machine with one CUDA GPU and no network.
+#
+#   bash bench/gpu_suite.sh            # Flux-dev size (11.9B parameters, 23.8 GB): about 8 minutes
+#   bash bench/gpu_suite.sh --small    # 2 double + 4 single blocks: a quick check of the whole path
+#
+# Expects the wheels from bench/fetch_wheels.sh in .whl/ (repo root). Writes into "$OUT" (default
+# ./bench-out): results.jsonl (one JSON line per run), summary.md (the tables), profile.txt
+# (cProfile of qcore's loads), benchmarks.png and log.txt. Checkpoints go to $BENCH_WORK (default
+# ./.bench-data; 31 GB for the full size), which is reused when it already holds them.
+# For a smoke test of this script without a GPU: BENCH_DEVICE=cpu BENCH_MODEL_ARGS="--layers 1 1
+# --heads 4 --head-dim 32 --joint-dim 64 --pooled-dim 32" bash bench/gpu_suite.sh --small
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+SMALL=0
+for arg in "$@"; do
+  case "$arg" in
+    --small) SMALL=1 ;;
+    *) echo "unknown argument: $arg (use --small or nothing)" >&2; exit 2 ;;
+  esac
+done
+OUT=${OUT:-$PWD/bench-out}
+WORK=${BENCH_WORK:-$PWD/.bench-data}
+mkdir -p "$OUT" "$WORK"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+DEVICE=${BENCH_DEVICE:-cuda}
+
+# env check first: what machine and software this run had
+"$PY" - "$WORK" <<'PY'
+import json, os, shutil, subprocess, sys, torch
+work = sys.argv[1]
+fs = subprocess.run(["df", "-T", work], capture_output=True, text=True).stdout.splitlines()[-1].split()
+print("ENV " + json.dumps({
+    "torch": torch.__version__, "cuda": torch.version.cuda,
+    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    "cpus": os.cpu_count(), "free_disk_gb": round(shutil.disk_usage(work).free / 1e9, 1),
+    "work_fs": fs[1] if len(fs) > 1 else None, "root": os.geteuid() == 0,
+}))
+PY
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "installing the carried wheels failed" >&2; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+else
+  echo "no wheels in .whl/: using what is installed (run bench/fetch_wheels.sh on a machine with network)" >&2
+fi
+"$PY" -c "import diffusers, bitsandbytes, torchao, qcore, qcore_bnb, qcore_torchao" || exit 1
+
+if [ "$SMALL" = 1 ]; then
+  LAYERS=(--layers 2 4); REPEAT=2; NAME=small
+else
+  LAYERS=(--layers 19 38); REPEAT=1; NAME=flux-dev
+fi
+if [ -n "${BENCH_MODEL_ARGS:-}" ]; then
+  read -r -a LAYERS <<<"$BENCH_MODEL_ARGS"; NAME=custom
+fi
+BF16="$WORK/$NAME-bf16"; NF4="$WORK/$NAME-nf4"
+rm -f "$OUT/results.jsonl" "$OUT/profile.txt"
+
+step() { echo "=== [$SECONDS s] $*"; }
+step "checkpoint $NAME bf16"
+[ -f "$BF16/config.json" ] || "$PY" bench/make_checkpoint.py "${LAYERS[@]}" --device "$DEVICE" --out "$BF16" || exit 1
+step "checkpoint $NAME nf4, pre-quantized by qcore"
+[ -f "$NF4/config.json" ] || "$PY" bench/make_checkpoint.py --prequantize nf4 --from "$BF16" --device "$DEVICE" --out "$NF4" || exit 1
+du -sh "$BF16" "$NF4"
+
+step "warm page cache: every loader and mode"
+"$PY" bench/run.py --device "$DEVICE" --checkpoint "$BF16" --prequantized "$NF4" --repeat "$REPEAT" --import-check \
+  --timeout 150 --out "$OUT/results.jsonl" --profile "$OUT/profile.txt" --modes bf16,nf4,nf4-prequantized,int8wo
+
+# cold rows last: they need root, and each one reads the checkpoint from the disk
+if [ "$DEVICE" = cuda ] && [ "$(id -u)" = 0 ] && [ "$SECONDS" -lt 400 ]; then
+  step "cold page cache: bf16"
+  "$PY" bench/run.py --checkpoint "$BF16" --modes bf16 --drop-caches --no-env --timeout 120 \
+    --loaders qcore,diffusers,preadv,instanttensor,instanttensor-direct --out "$OUT/results.jsonl"
+else
+  step "cold page cache rows skipped (no GPU, not root, or past the time budget at ${SECONDS} s)"
+fi
+
+step "summary and plot"
+"$PY" bench/run.py --summary "$OUT/results.jsonl" | tee "$OUT/summary.md"
+"$PY" bench/plot.py "$OUT/results.jsonl" --out "$OUT/benchmarks.png" --title "FluxTransformer2DModel $NAME" \
+  || echo "plot failed (matplotlib missing?)" >&2
+step "done"
