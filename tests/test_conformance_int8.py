@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from qcore.testing import BackendConformance
 
@@ -23,5 +24,16 @@ class TestInt8Conformance(BackendConformance):
 class TestInt8ConformanceFloat32Compute(BackendConformance):
     config_class = qcore_int8.Int8Config
     config_kwargs = {"compute_dtype": "float32"}
+    forward_tolerance = 0.02
+    min_memory_ratio = 1.8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+class TestInt8ConformanceCuda(BackendConformance):
+    """The same checks with the quantized model placed on the GPU (device_map="cuda")."""
+
+    config_class = qcore_int8.Int8Config
+    device_map = "cuda"
     forward_tolerance = 0.02
     min_memory_ratio = 1.8
