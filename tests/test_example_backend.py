@@ -86,7 +86,7 @@ def test_conformance_suite_passes_in_fresh_environment(example_env: envs.FreshEn
     result = example_env.run(
         f"""
         import sys, pytest
-        sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "--basetemp", {str(tmp_path / "bt")!r},
+        sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-m", "not gpu", "--basetemp", {str(tmp_path / "bt")!r},
                               "tests/test_conformance_int8.py"]))
         """,
         cwd=envs.REPO,
