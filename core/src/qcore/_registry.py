@@ -154,8 +154,10 @@ def get_backend(quant_method: str) -> Backend:
     """The backend for ``quant_method``, importing its distribution on first use."""
     if quant_method in _registered:
         return _registered[quant_method]
-    if quant_method in _loaded:
-        return _loaded[quant_method]
+    # A backend loaded earlier in the process obeys the discovery settings in force now.
+    cached = _loaded.get(quant_method)
+    if cached is not None and not _autoload_disabled() and _allowed(quant_method, cached.distribution):
+        return cached
     hint = install_hint(quant_method)
     if _autoload_disabled():
         raise BackendNotFoundError(
