@@ -8,5 +8,5 @@ python3 -m venv "$venv"
 . "$venv/bin/activate"
 python -m pip install -q --upgrade pip
 python -m pip install -q -c constraints.txt torch==2.13.0
-python -m pip install -q -c constraints.txt ./core ./plugins/bnb ./plugins/torchao -r requirements-test.txt
+python -m pip install -q -c constraints.txt ./core ./plugins/bnb ./plugins/torchao ./examples/qcore-int8 -r requirements-test.txt
 python -m pytest "$@"

@@ -46,15 +46,7 @@ class TestTorchAoOnDiffusersFlux(_TorchAoInt8Instance):
     def make_inputs(self, model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (), flux_inputs(seed=self.seed + 1, dtype=self.torch_dtype)
 
-    # qcore raises DtypeCastError for qcore.ModelMixin models only. On a diffusers model, diffusers'
-    # own guard answers: a ValueError for .to(dtype)/.float()/.half(), and .bfloat16()/.double() go
-    # through and cast the model. Each cast runs on its own model so the other checks keep an uncast
-    # one. strict: when qcore guards diffusers models too, these pass and the marker must go.
-    @pytest.mark.xfail(
-        strict=True,
-        raises=(pytest.fail.Exception, ValueError),
-        reason="qcore does not yet refuse dtype casts of quantized diffusers models with DtypeCastError",
-    )
+    # Each cast runs on its own model so the other checks keep an uncast one.
     @pytest.mark.parametrize("cast", ["to(float16)", "half()", "float()", "bfloat16()", "double()"])
     def test_dtype_cast_refused(self, reference_checkpoint: Any, inputs: Any, cast: str) -> None:  # type: ignore[override]
         model = self.load(reference_checkpoint, quantization_config=self.make_config())

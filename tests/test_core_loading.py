@@ -171,6 +171,11 @@ def test_diffusers_flux_round_trip(int8_backend: qcore.Backend, tmp_path: Path) 
     # diffusers itself reads the saved config (and ignores qcore's private keys).
     config = FluxTransformer2DModel.load_config(tmp_path / "int8")
     assert config["quantization_config"]["quant_method"] == "int8-test"
+    # A quantized diffusers model refuses dtype casts like a qcore model, and stays a Flux model.
+    assert isinstance(reloaded, FluxTransformer2DModel) and type(reloaded).__name__ == "FluxTransformer2DModel"
+    for cast in (lambda m: m.to(torch.float16), lambda m: m.bfloat16(), lambda m: m.double()):
+        with pytest.raises(qcore.DtypeCastError, match="FluxTransformer2DModel is quantized with 'int8-test'"):
+            cast(reloaded)
 
 
 def test_bin_checkpoints_load_with_weights_only(tiny_model: TinyTransformer, tiny_input: torch.Tensor, tmp_path: Path) -> None:
@@ -203,11 +208,12 @@ def test_hub_ids_resolve_through_the_huggingface_cache(
     qcore.save_pretrained(tiny_model, repo / "snapshots" / commit / "transformer")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model = TinyTransformer.from_pretrained("acme/tiny", subfolder="transformer", cache_dir=tmp_path / "cache")
+    model = TinyTransformer.from_pretrained(
+        "acme/tiny", subfolder="transformer", cache_dir=tmp_path / "cache", local_files_only=True
+    )
     assert torch.equal(model(tiny_input), tiny_model(tiny_input))
-    with pytest.raises(qcore.CheckpointNotFoundError, match="acme/other"):
-        TinyTransformer.from_pretrained("acme/other", cache_dir=tmp_path / "cache")
+    with pytest.raises(qcore.CheckpointNotFoundError, match="acme/other.*not in the local Hugging Face cache"):
+        TinyTransformer.from_pretrained("acme/other", cache_dir=tmp_path / "cache", local_files_only=True)
 
 
 def test_observer_wrapper_sees_lifecycle(int8_backend: qcore.Backend, tiny_ckpt: Path) -> None:

@@ -75,6 +75,7 @@ class _Fetcher:
         self.subfolder = subfolder or None
         self.hub_kwargs = hub_kwargs
         self.local_dir = Path(path, subfolder or "") if os.path.isdir(path) else None
+        self.not_cached: Exception | None = None
         if self.local_dir is None:
             self._check_hub_id()
 
@@ -111,7 +112,11 @@ class _Fetcher:
             return Path(hf_hub_download(self.path, filename, subfolder=self.subfolder, **self.hub_kwargs))
         except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as exc:
             raise CheckpointNotFoundError(f"hub repository {self.path!r}: {exc}") from exc
-        except (EntryNotFoundError, LocalEntryNotFoundError):
+        except LocalEntryNotFoundError as exc:  # (a subclass of EntryNotFoundError: check it first)
+            # Not cached, and the hub was not asked (offline) or could not be reached.
+            self.not_cached = exc
+            return None
+        except EntryNotFoundError:
             return None
 
 
@@ -136,6 +141,11 @@ def locate_checkpoint(
         raise CheckpointNotFoundError(f"subfolder {subfolder!r} does not exist in {os.fspath(path)!r}")
     config_path = fetcher.get(CONFIG_NAME)
     if config_path is None:
+        if fetcher.not_cached is not None:
+            raise CheckpointNotFoundError(
+                f"{CONFIG_NAME} of {fetcher.location} is not in the local Hugging Face cache and could not "
+                f"be downloaded (offline mode, or the hub is unreachable): {fetcher.not_cached}"
+            )
         raise CheckpointNotFoundError(f"{CONFIG_NAME} not found in {fetcher.location}")
     tried = []
     for filename, is_index in _candidates(variant, use_safetensors):

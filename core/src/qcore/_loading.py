@@ -31,7 +31,7 @@ from ._errors import (
     ShapeMismatchError,
     UnexpectedKeysError,
 )
-from ._model import make_model, record_load
+from ._model import guard_dtype_casts, make_model, record_load
 from ._plugins import make_plugin_manager, resolve_hook
 from ._quantizer import Quantizer, module_matches
 from ._registry import resolve_config
@@ -458,6 +458,7 @@ def finish(
     if quant is not None:
         quant.quantizer.pre_quantization_dtype = torch_dtype
         model.hf_quantizer = quant.quantizer
+        guard_dtype_casts(model)
         entries["quantization_config"] = quant.quantizer.quantization_config
         entries["_pre_quantization_dtype"] = torch_dtype
     record_load(model, **entries)

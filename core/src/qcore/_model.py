@@ -53,7 +53,68 @@ def record_load(model: torch.nn.Module, **entries: Any) -> None:
         model._qcore_config.update(entries)
 
 
-class ModelMixin(torch.nn.Module):
+class _CastGuard:
+    """Refuses dtype casts while ``is_quantized``; mixed into ModelMixin and into loaded foreign classes."""
+
+    def _refuse_cast(self, what: str) -> None:
+        if getattr(self, "is_quantized", False):
+            raise DtypeCastError(
+                f"{type(self).__name__} is quantized with {getattr(self, 'quantization_method', '?')!r}: "
+                f"{what} would break its quantized weights. Cast the inputs instead, or call "
+                "dequantize() first."
+            )
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        _device, dtype, _non_blocking, _fmt = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None:
+            self._refuse_cast(f".to({dtype})")
+        return super().to(*args, **kwargs)  # type: ignore[misc]
+
+    def half(self) -> Any:
+        self._refuse_cast(".half()")
+        return super().half()  # type: ignore[misc]
+
+    def float(self) -> Any:
+        self._refuse_cast(".float()")
+        return super().float()  # type: ignore[misc]
+
+    def bfloat16(self) -> Any:
+        self._refuse_cast(".bfloat16()")
+        return super().bfloat16()  # type: ignore[misc]
+
+    def double(self) -> Any:
+        self._refuse_cast(".double()")
+        return super().double()  # type: ignore[misc]
+
+
+_guarded_classes: dict[type, type] = {}
+
+
+def guard_dtype_casts(model: torch.nn.Module) -> None:
+    """Make a quantized model of a foreign class (e.g. a diffusers model) refuse dtype casts.
+
+    The instance's class is swapped for a same-named subclass that adds the guard, so isinstance
+    checks, ``_class_name`` in config.json and the class's own methods are unchanged.
+    """
+    cls = type(model)
+    if isinstance(model, _CastGuard):
+        return
+    if cls not in _guarded_classes:
+        _guarded_classes[cls] = type(
+            cls.__name__,
+            (_CastGuard, cls),
+            {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_qcore_unguarded": cls},
+        )
+    model.__class__ = _guarded_classes[cls]
+
+
+def _unguard(model: torch.nn.Module) -> None:
+    original = type(model).__dict__.get("_qcore_unguarded")
+    if original is not None:
+        model.__class__ = original
+
+
+class ModelMixin(_CastGuard, torch.nn.Module):
     """Base class for qcore-native models: ``__init__`` keyword arguments are the config.
 
     ``from_pretrained`` / ``save_pretrained`` / ``dequantize`` call :func:`qcore.from_pretrained`,
@@ -119,35 +180,6 @@ class ModelMixin(torch.nn.Module):
     def device(self) -> torch.device:
         return next((p.device for p in self.parameters()), torch.device("cpu"))
 
-    def _refuse_cast(self, what: str) -> None:
-        if getattr(self, "is_quantized", False):
-            raise DtypeCastError(
-                f"{type(self).__name__} is quantized with {self.quantization_method!r}: {what} would "
-                "break its quantized weights. Cast the inputs instead, or call dequantize() first."
-            )
-
-    def to(self, *args: Any, **kwargs: Any) -> Any:
-        _device, dtype, _non_blocking, _fmt = torch._C._nn._parse_to(*args, **kwargs)
-        if dtype is not None:
-            self._refuse_cast(f".to({dtype})")
-        return super().to(*args, **kwargs)
-
-    def half(self) -> Any:
-        self._refuse_cast(".half()")
-        return super().half()
-
-    def float(self) -> Any:
-        self._refuse_cast(".float()")
-        return super().float()
-
-    def bfloat16(self) -> Any:
-        self._refuse_cast(".bfloat16()")
-        return super().bfloat16()
-
-    def double(self) -> Any:
-        self._refuse_cast(".double()")
-        return super().double()
-
 
 def dequantize(model: torch.nn.Module) -> torch.nn.Module:
     """Undo quantization in place through the backend's ``dequantize`` hook; returns the model."""
@@ -158,6 +190,7 @@ def dequantize(model: torch.nn.Module) -> torch.nn.Module:
     hooks.dequantize(quantizer=quantizer, model=model)
     model.is_quantized = False
     model.hf_quantizer = None
+    _unguard(model)
     if isinstance(model, ModelMixin):
         model.config.pop("quantization_config", None)
     elif _is_diffusers_model(model):
