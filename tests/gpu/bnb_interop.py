@@ -12,7 +12,8 @@ Makes its own tiny FluxTransformer2DModel checkpoint in a temporary directory, t
 
 Prints one JSON line per check (max abs diff, relative error against bf16) and exits 1 if any failed.
 
-    pip download bitsandbytes==0.50.2 diffusers==0.42.1 ... ; PYTHONPATH=<wheels> python tests/gpu/bnb_interop.py
+    pip install ./core ./plugins/bnb bitsandbytes diffusers; python tests/gpu/bnb_interop.py
+    PYTHONPATH=core/src:plugins/bnb/src:<unpacked bitsandbytes, diffusers wheels> python tests/gpu/bnb_interop.py
     python tests/gpu/bnb_interop.py --device cpu   # the qcore-only checks, without diffusers' CUDA-only loads
 """
 
@@ -99,7 +100,14 @@ def main() -> int:
     from safetensors.torch import load_file
 
     import qcore
+    import qcore_bnb
     from qcore_bnb import BitsAndBytesConfig
+
+    try:
+        qcore.get_backend("bitsandbytes")
+    except qcore.BackendNotFoundError:
+        # Run from source trees on PYTHONPATH (no installed entry point): register the same backend.
+        qcore.register_backend(qcore_bnb.backend)
 
     Flux = diffusers.FluxTransformer2DModel
     print(json.dumps({"env": {"torch": torch.__version__, "bitsandbytes": bnb.__version__,
