@@ -5,11 +5,11 @@
 #   bash bench/gpu_suite.sh --small    # 2 double + 4 single blocks: a quick check of the whole path
 #
 # Expects the wheels from bench/fetch_wheels.sh in .whl/ (repo root). Writes into "$OUT" (default
-# ./bench-out): results.jsonl (one JSON line per run), summary.md (the tables), profile.txt
+# bench/out): results.jsonl (one JSON line per run), summary.md (the tables), profile.txt
 # (cProfile of qcore's loads), benchmarks.png and log.txt. Checkpoints go to $BENCH_WORK (default
-# ./.bench-data; 31 GB for the full size), which is reused when it already holds them.
-# For a smoke test of this script without a GPU: BENCH_DEVICE=cpu BENCH_MODEL_ARGS="--layers 1 1
-# --heads 4 --head-dim 32 --joint-dim 64 --pooled-dim 32" bash bench/gpu_suite.sh --small
+# bench/.data; 31 GB for the full size), which is reused when it already holds them.
+# For a smoke test of this script without a GPU: BENCH_DEVICE=cpu BENCH_WHEELS=none BENCH_MODEL_ARGS=
+# "--layers 1 1 --heads 4 --head-dim 32 --joint-dim 64 --pooled-dim 32" bash bench/gpu_suite.sh --small
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,8 +20,8 @@ for arg in "$@"; do
     *) echo "unknown argument: $arg (use --small or nothing)" >&2; exit 2 ;;
   esac
 done
-OUT=${OUT:-$PWD/bench-out}
-WORK=${BENCH_WORK:-$PWD/.bench-data}
+OUT=${OUT:-$PWD/bench/out}
+WORK=${BENCH_WORK:-$PWD/bench/.data}
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1
@@ -41,12 +41,13 @@ print("ENV " + json.dumps({
 }))
 PY
 
-if ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+WHEELS=${BENCH_WHEELS:-.whl}
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
     || { echo "installing the carried wheels failed" >&2; exit 1; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 else
-  echo "no wheels in .whl/: using what is installed (run bench/fetch_wheels.sh on a machine with network)" >&2
+  echo "no wheels in $WHEELS/: using what is installed (run bench/fetch_wheels.sh on a machine with network)" >&2
 fi
 "$PY" -c "import diffusers, bitsandbytes, torchao, qcore, qcore_bnb, qcore_torchao" || exit 1
 

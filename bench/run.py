@@ -174,13 +174,16 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["status"] = "ok"
         for key in ("load_s", "peak_gpu_gb", "model_gpu_gb", "peak_rss_gb", "rss_before_gb", "forward_s",
                     "rel_err_vs_bf16", "rel_err_vs_diffusers", "gb_per_s", "checkpoint_gb",
-                    "available_backends_s", "import_torch_s"):
+                    "available_backends_s", "import_torch_s", "load_cpu_s"):
             value = _median(ok, key)
             if value is not None:
                 row[key] = value
         if len(ok) > 1:
             row["load_s_min"] = min(r["load_s"] for r in ok)
             row["load_s_max"] = max(r["load_s"] for r in ok)
+            cpu = [r["load_cpu_s"] for r in ok if r.get("load_cpu_s") is not None]
+            if cpu:
+                row["load_cpu_s_min"] = min(cpu)
         for key in ("heavy_modules_after_import", "backends", "output_finite"):
             if key in ok[0]:
                 row[key] = ok[0][key]
@@ -200,9 +203,9 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 def markdown_tables(records: list[dict[str, Any]]) -> str:
     rows = aggregate(records)
-    lines = ["| loader | mode | cache | load s | peak GPU during load GB | model on GPU GB | peak RSS GB "
-             "| forward s | rel err vs bf16 | rel err vs diffusers | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| loader | mode | cache | load s, median (min–max) | load CPU s, min | peak GPU during load GB "
+             "| model on GPU GB | peak RSS GB | forward s | rel err vs bf16 | rel err vs diffusers | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     model_rows = [r for r in rows if r["loader"] in MODEL_LOADERS and r["mode"] != "import"]
     for r in model_rows:
         load = _fmt(r.get("load_s"))
@@ -210,7 +213,8 @@ def markdown_tables(records: list[dict[str, Any]]) -> str:
             load += f" ({_fmt(r['load_s_min'])}–{_fmt(r['load_s_max'])})"
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error')}"
         lines.append(
-            f"| {r['loader']} | {r['mode']} | {r['cache']} | {load} | {_fmt(r.get('peak_gpu_gb'))} "
+            f"| {r['loader']} | {r['mode']} | {r['cache']} | {load} "
+            f"| {_fmt(r.get('load_cpu_s_min', r.get('load_cpu_s')))} | {_fmt(r.get('peak_gpu_gb'))} "
             f"| {_fmt(r.get('model_gpu_gb'))} | {_fmt(r.get('peak_rss_gb'))} | {_fmt(r.get('forward_s'), 3)} "
             f"| {_fmt(r.get('rel_err_vs_bf16'), 4)} | {_fmt(r.get('rel_err_vs_diffusers'), 4)} | {status} |"
         )
