@@ -331,7 +331,7 @@ def main() -> int:
             if wanted and name not in wanted:
                 continue
             guarded(f"quantize_on_load:{name}",
-                    lambda: check_quant_type(name, make, bound, ckpt, tmp, x, reference_out, bf16_mib))
+                    lambda n=name, m=make, b=bound: check_quant_type(n, m, b, ckpt, tmp, x, reference_out, bf16_mib))
         guarded("hardware_refusal", lambda: check_refusals(ckpt))
 
         if importlib.util.find_spec("diffusers") is None:
@@ -345,7 +345,7 @@ def main() -> int:
                 "int8wo": Int8WeightOnlyConfig,
                 "float8dq_row": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
             }.items():
-                guarded(f"diffusers_interop:{name}", lambda: check_diffusers(tmp, config, name, make_ao))
+                guarded(f"diffusers_interop:{name}", lambda n=name, m=make_ao: check_diffusers(tmp, config, n, m))
 
     failed = [r["check"] for r in RESULTS if r.get("ok") is False]
     emit("summary", ok=not failed, failed=failed, checks=len(RESULTS))

@@ -74,7 +74,9 @@ class TorchAoConfig(qcore.QuantizationConfig):
                 option="modules_to_not_convert",
             )
         self.quant_type = config
-        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
+        self.modules_to_not_convert = (
+            list(modules_to_not_convert) if modules_to_not_convert is not None else None
+        )
 
     def get_apply_tensor_subclass(self) -> Any:
         """The torchao config to hand to ``quantize_`` (diffusers' name for it)."""

@@ -214,7 +214,7 @@ def config_from_string(quant_type: str, kwargs: dict[str, Any]) -> Any:
     key = quant_type.strip().lower()
     factory = _FACTORIES.get(key)
     if factory is None and _FPX.match(key):
-        factory = _removed("fpX weight-only quantization was removed from torchao; use 'float8wo' or 'int4wo'")
+        factory = _FACTORIES["fpx_weight_only"]
     if factory is None:
         raise qcore.ConfigError(
             f"unknown torchao quant_type {quant_type!r}; use one of {', '.join(quant_type_names())} "

@@ -137,7 +137,8 @@ class TorchAoQuantizer(qcore.Quantizer):
         }
         if not self._targets and not self.pre_quantized:
             logger.warning(
-                "%s has no nn.Linear left to quantize (modules_to_not_convert=%s): the model loads unquantized",
+                "%s has no nn.Linear left to quantize (modules_to_not_convert=%s): "
+                "the model loads unquantized",
                 type(model).__name__,
                 skip,
             )
@@ -185,7 +186,9 @@ class TorchAoQuantizer(qcore.Quantizer):
                 f"the checkpoint's safetensors metadata 'tensor_names' is not valid JSON ({exc})"
             ) from exc
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise qcore.CorruptCheckpointError("the checkpoint's 'tensor_names' metadata must be a list of names")
+            raise qcore.CorruptCheckpointError(
+                "the checkpoint's 'tensor_names' metadata must be a list of names"
+            )
         saved_with = metadata.get(TORCHAO_VERSION_KEY)
         if saved_with and saved_with != torchao_version():
             logger.warning(
