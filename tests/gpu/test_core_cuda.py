@@ -58,7 +58,8 @@ def test_quantize_on_load_on_cuda_equals_cpu(tmp_path: Path, monkeypatch: pytest
         for name, tensor in on_cpu.state_dict().items():
             assert torch.equal(on_gpu.state_dict()[name].cpu(), tensor), name
         x = torch.randn(4, 64, dtype=torch.bfloat16)
-        assert torch.allclose(on_gpu(x.cuda()).cpu().float(), on_cpu(x).float(), atol=2e-2, rtol=2e-2)
+        got, want = on_gpu(x.cuda()).cpu().float(), on_cpu(x).float()
+        assert ((got - want).norm() / want.norm()).item() < 1e-2  # bf16 matmuls differ between devices
     finally:
         qcore.unregister_backend("int8-test")
 
@@ -78,7 +79,7 @@ def test_device_map_dict_splits_cpu_and_cuda(tmp_path: Path) -> None:
 def test_auto_device_map_with_max_memory_offloads_to_cpu(tmp_path: Path) -> None:
     model = make_tiny(dim=256, depth=4)
     qcore.save_pretrained(model, tmp_path / "bf16")
-    loaded = TinyTransformer.from_pretrained(tmp_path / "bf16", device_map="sequential", max_memory={0: "1500KB", "cpu": "1GB"})
+    loaded = TinyTransformer.from_pretrained(tmp_path / "bf16", device_map="sequential", max_memory={0: "800KB", "cpu": "1GB"})
     placed = {str(d) for d in loaded.hf_device_map.values()}
     assert placed == {"cuda:0", "cpu"}
     x = torch.randn(2, 256, dtype=torch.bfloat16)
