@@ -20,7 +20,19 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CONFIG = ["--layers", "4", "8", "--heads", "12", "--head-dim", "64", "--joint-dim", "768", "--pooled-dim", "768"]
+CONFIG = [
+    "--layers",
+    "4",
+    "8",
+    "--heads",
+    "12",
+    "--head-dim",
+    "64",
+    "--joint-dim",
+    "768",
+    "--pooled-dim",
+    "768",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,17 +47,55 @@ def main(argv: list[str] | None = None) -> int:
     bf16, nf4 = work / "flux-160m-bf16", work / "flux-160m-nf4"
     try:
         if not (bf16 / "config.json").is_file():
-            subprocess.run([sys.executable, str(HERE / "make_checkpoint.py"), *CONFIG, "--device", "cpu",
-                            "--out", str(bf16)], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(HERE / "make_checkpoint.py"),
+                    *CONFIG,
+                    "--device",
+                    "cpu",
+                    "--out",
+                    str(bf16),
+                ],
+                check=True,
+            )
         if "nf4-prequantized" in args.modes and not (nf4 / "config.json").is_file():
-            subprocess.run([sys.executable, str(HERE / "make_checkpoint.py"), "--prequantize", "nf4",
-                            "--from", str(bf16), "--device", "cpu", "--out", str(nf4)], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(HERE / "make_checkpoint.py"),
+                    "--prequantize",
+                    "nf4",
+                    "--from",
+                    str(bf16),
+                    "--device",
+                    "cpu",
+                    "--out",
+                    str(nf4),
+                ],
+                check=True,
+            )
         if args.out.exists():
             args.out.unlink()
-        run = [sys.executable, str(HERE / "run.py"), "--device", "cpu", "--checkpoint", str(bf16),
-               "--loaders", "qcore,diffusers,safetensors,preadv", "--modes", args.modes,
-               "--repeat", str(args.repeat), "--threads", str(os.cpu_count() or 2), "--import-check",
-               "--out", str(args.out)]
+        run = [
+            sys.executable,
+            str(HERE / "run.py"),
+            "--device",
+            "cpu",
+            "--checkpoint",
+            str(bf16),
+            "--loaders",
+            "qcore,diffusers,safetensors,preadv",
+            "--modes",
+            args.modes,
+            "--repeat",
+            str(args.repeat),
+            "--threads",
+            str(os.cpu_count() or 2),
+            "--import-check",
+            "--out",
+            str(args.out),
+        ]
         if "nf4-prequantized" in args.modes:
             run += ["--prequantized", str(nf4)]
         subprocess.run(run, check=True)

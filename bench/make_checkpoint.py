@@ -85,8 +85,13 @@ def random_model(config: dict[str, Any], dtype: torch.dtype, device: torch.devic
 def write_bf16(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
-    config = flux_config(*args.layers, heads=args.heads, head_dim=args.head_dim, joint_dim=args.joint_dim,
-                         pooled_dim=args.pooled_dim)
+    config = flux_config(
+        *args.layers,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        joint_dim=args.joint_dim,
+        pooled_dim=args.pooled_dim,
+    )
     t0 = time.perf_counter()
     model = random_model(config, dtype, device, args.seed, args.std)
     if device.type == "cuda":
@@ -95,8 +100,13 @@ def write_bf16(args: argparse.Namespace) -> dict[str, Any]:
     model.save_pretrained(args.out, max_shard_size=args.max_shard_size, safe_serialization=True)
     t2 = time.perf_counter()
     params = sum(p.numel() for p in model.parameters())
-    return dict(kind=args.dtype, params=params, tensors=len(model.state_dict()),
-                init_s=round(t1 - t0, 2), save_s=round(t2 - t1, 2))
+    return dict(
+        kind=args.dtype,
+        params=params,
+        tensors=len(model.state_dict()),
+        init_s=round(t1 - t0, 2),
+        save_s=round(t2 - t1, 2),
+    )
 
 
 def write_prequantized(args: argparse.Namespace) -> dict[str, Any]:
@@ -115,7 +125,10 @@ def write_prequantized(args: argparse.Namespace) -> dict[str, Any]:
     )
     t0 = time.perf_counter()
     model = qcore.from_pretrained(
-        FluxTransformer2DModel, args.source, quantization_config=config, torch_dtype=torch.bfloat16,
+        FluxTransformer2DModel,
+        args.source,
+        quantization_config=config,
+        torch_dtype=torch.bfloat16,
         device_map=str(device),
     )
     t1 = time.perf_counter()
@@ -126,8 +139,14 @@ def write_prequantized(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", nargs=2, type=int, default=(19, 38), metavar=("DOUBLE", "SINGLE"),
-                   help="double and single transformer blocks (Flux-dev: 19 38)")
+    p.add_argument(
+        "--layers",
+        nargs=2,
+        type=int,
+        default=(19, 38),
+        metavar=("DOUBLE", "SINGLE"),
+        help="double and single transformer blocks (Flux-dev: 19 38)",
+    )
     p.add_argument("--heads", type=int, default=24, help="attention heads (Flux-dev: 24)")
     p.add_argument("--head-dim", type=int, default=128, help="attention head dim (Flux-dev: 128)")
     p.add_argument("--joint-dim", type=int, default=4096, help="text embedding width (Flux-dev: 4096)")

@@ -15,8 +15,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder o
 
 from run import ALL_MODES, MODEL_LOADERS, RAW_LOADERS, aggregate, read_results  # noqa: E402
 
-COLORS = {"qcore": "#1f77b4", "diffusers": "#ff7f0e", "safetensors": "#7f7f7f", "preadv": "#2ca02c",
-          "instanttensor": "#9467bd", "instanttensor-direct": "#c5b0d5"}
+COLORS = {
+    "qcore": "#1f77b4",
+    "diffusers": "#ff7f0e",
+    "safetensors": "#7f7f7f",
+    "preadv": "#2ca02c",
+    "instanttensor": "#9467bd",
+    "instanttensor-direct": "#c5b0d5",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,8 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     records = read_results(args.results)
-    rows = [r for r in aggregate(records) if r["status"] == "ok" and r["cache"] == args.cache
-            and r["mode"] in ALL_MODES]
+    rows = [
+        r
+        for r in aggregate(records)
+        if r["status"] == "ok" and r["cache"] == args.cache and r["mode"] in ALL_MODES
+    ]
     modes = [m for m in ALL_MODES if any(r["mode"] == m for r in rows)]
     loaders = [x for x in MODEL_LOADERS + RAW_LOADERS if any(r["loader"] == x for r in rows)]
     on_gpu = any(r.get("peak_gpu_gb") is not None for r in rows)
@@ -43,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     panels += [("peak_rss_gb", "peak host RSS (GB)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     width = 0.8 / max(1, len(loaders))
-    for ax, (key, label) in zip(axes[0], panels):
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
         for i, loader in enumerate(loaders):
             xs, ys = [], []
             for j, mode in enumerate(modes):

@@ -68,8 +68,11 @@ def load_files(
             begin, end = info["data_offsets"]
             dtype = DTYPES[info["dtype"]]
             tensors[name] = dest[begin:end].view(dtype).view(info["shape"])
-    chunks = [(fd, start + off, dest, off, min(chunk_bytes, length - off))
-              for fd, start, length, dest in plans for off in range(0, length, chunk_bytes)]
+    chunks = [
+        (fd, start + off, dest, off, min(chunk_bytes, length - off))
+        for fd, start, length, dest in plans
+        for off in range(0, length, chunk_bytes)
+    ]
     # large-first would help a skewed last file; fixed order keeps reads sequential per file
     lock = threading.Lock()
     cursor = iter(range(len(chunks)))
@@ -84,11 +87,13 @@ def load_files(
             if not on_gpu:
                 while (i := next_chunk()) is not None:
                     fd, pos, dest, off, n = chunks[i]
-                    _read_exact(fd, memoryview(dest[off:off + n].numpy()), pos)
+                    _read_exact(fd, memoryview(dest[off : off + n].numpy()), pos)
                 return
             stream = torch.cuda.Stream(device)
-            slots = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True)
-                     for _ in range(buffers_per_thread)]
+            slots = [
+                torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True)
+                for _ in range(buffers_per_thread)
+            ]
             events: list[torch.cuda.Event | None] = [None] * buffers_per_thread
             k = 0
             while (i := next_chunk()) is not None:
@@ -97,7 +102,7 @@ def load_files(
                     events[k].synchronize()
                 _read_exact(fd, memoryview(slots[k].numpy())[:n], pos)
                 with torch.cuda.stream(stream):
-                    dest[off:off + n].copy_(slots[k][:n], non_blocking=True)
+                    dest[off : off + n].copy_(slots[k][:n], non_blocking=True)
                     events[k] = torch.cuda.Event()
                     events[k].record(stream)
                 k = (k + 1) % buffers_per_thread

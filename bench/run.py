@@ -50,14 +50,30 @@ def env_record(device: str) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
-    for dist in ("torch", "diffusers", "bitsandbytes", "torchao", "safetensors", "accelerate",
-                 "instanttensor", "qcore", "qcore-bnb", "qcore-torchao"):
+    for dist in (
+        "torch",
+        "diffusers",
+        "bitsandbytes",
+        "torchao",
+        "safetensors",
+        "accelerate",
+        "instanttensor",
+        "qcore",
+        "qcore-bnb",
+        "qcore-torchao",
+    ):
         try:
             versions[dist] = version(dist)
         except PackageNotFoundError:
             versions[dist] = None
-    record: dict[str, Any] = {"env": True, "python": platform.python_version(), "versions": versions,
-                              "cpus": os.cpu_count(), "machine": platform.machine(), "device": device}
+    record: dict[str, Any] = {
+        "env": True,
+        "python": platform.python_version(),
+        "versions": versions,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "device": device,
+    }
     try:
         with open("/proc/meminfo") as f:
             record["mem_total_gb"] = round(int(f.readline().split()[1]) * 1024 / 1e9, 1)
@@ -66,7 +82,8 @@ def env_record(device: str) -> dict[str, Any]:
     if device.startswith("cuda"):
         out = subprocess.run(
             [sys.executable, "-c", "import torch; print(torch.cuda.get_device_name())"],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         record["gpu"] = out.stdout.strip() or out.stderr.strip()[-200:]
     return record
@@ -90,7 +107,9 @@ def drop_page_cache() -> None:
         f.write("3\n")
 
 
-def plan(loaders: Sequence[str], modes: Sequence[str], device: str, has_prequantized: bool) -> list[tuple[str, str]]:
+def plan(
+    loaders: Sequence[str], modes: Sequence[str], device: str, has_prequantized: bool
+) -> list[tuple[str, str]]:
     runs = []
     for mode in modes:
         if mode == "nf4-prequantized" and not has_prequantized:
@@ -107,8 +126,20 @@ def plan(loaders: Sequence[str], modes: Sequence[str], device: str, has_prequant
 
 
 def run_one(loader: str, mode: str, args: argparse.Namespace, extra: Sequence[str] = ()) -> dict[str, Any]:
-    cmd = [sys.executable, str(HERE / "run_one.py"), "--loader", loader, "--mode", mode,
-           "--refdir", str(args.refdir), "--device", args.device, "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        str(HERE / "run_one.py"),
+        "--loader",
+        loader,
+        "--mode",
+        mode,
+        "--refdir",
+        str(args.refdir),
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+    ]
     if args.checkpoint:
         cmd += ["--checkpoint", str(args.checkpoint)]
     if args.prequantized:
@@ -119,15 +150,24 @@ def run_one(loader: str, mode: str, args: argparse.Namespace, extra: Sequence[st
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired as exc:
         err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-        return {"loader": loader, "mode": mode, "status": "error", "error": f"timeout after {args.timeout}s",
-                "stderr_tail": err[-1500:]}
+        return {
+            "loader": loader,
+            "mode": mode,
+            "status": "error",
+            "error": f"timeout after {args.timeout}s",
+            "stderr_tail": err[-1500:],
+        }
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("BENCH_RESULT "):
-            record = json.loads(line[len("BENCH_RESULT "):])
+            record = json.loads(line[len("BENCH_RESULT ") :])
             break
     else:
-        record = {"loader": loader, "mode": mode, "status": "error",
-                  "error": f"no result (exit status {proc.returncode})"}
+        record = {
+            "loader": loader,
+            "mode": mode,
+            "status": "error",
+            "error": f"no result (exit status {proc.returncode})",
+        }
     if record.get("status") != "ok":
         record["stderr_tail"] = proc.stderr[-1500:]
     record["process_s"] = round(time.perf_counter() - t0, 2)
@@ -172,9 +212,21 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             rows.append(row)
             continue
         row["status"] = "ok"
-        for key in ("load_s", "peak_gpu_gb", "model_gpu_gb", "peak_rss_gb", "rss_before_gb", "forward_s",
-                    "rel_err_vs_bf16", "rel_err_vs_diffusers", "gb_per_s", "checkpoint_gb",
-                    "available_backends_s", "import_torch_s", "load_cpu_s"):
+        for key in (
+            "load_s",
+            "peak_gpu_gb",
+            "model_gpu_gb",
+            "peak_rss_gb",
+            "rss_before_gb",
+            "forward_s",
+            "rel_err_vs_bf16",
+            "rel_err_vs_diffusers",
+            "gb_per_s",
+            "checkpoint_gb",
+            "available_backends_s",
+            "import_torch_s",
+            "load_cpu_s",
+        ):
             value = _median(ok, key)
             if value is not None:
                 row[key] = value
@@ -195,7 +247,7 @@ def _fmt(value: Any, digits: int = 2) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
-        if value != 0 and abs(value) < 10 ** -digits:
+        if value != 0 and abs(value) < 10**-digits:
             return f"{value:.1e}"
         return f"{value:.{digits}f}"
     return str(value)
@@ -203,9 +255,11 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 def markdown_tables(records: list[dict[str, Any]]) -> str:
     rows = aggregate(records)
-    lines = ["| loader | mode | cache | load s, median (min–max) | load CPU s, min | peak GPU during load GB "
-             "| model on GPU GB | peak RSS GB | forward s | rel err vs bf16 | rel err vs diffusers | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| loader | mode | cache | load s, median (min–max) | load CPU s, min | peak GPU during load GB "
+        "| model on GPU GB | peak RSS GB | forward s | rel err vs bf16 | rel err vs diffusers | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     model_rows = [r for r in rows if r["loader"] in MODEL_LOADERS and r["mode"] != "import"]
     for r in model_rows:
         load = _fmt(r.get("load_s"))
@@ -220,8 +274,11 @@ def markdown_tables(records: list[dict[str, Any]]) -> str:
         )
     raw_rows = [r for r in rows if r["loader"] in RAW_LOADERS]
     if raw_rows:
-        lines += ["", "| raw loader | bytes of | cache | s | GB/s | peak GPU during load GB | peak RSS GB | status |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| raw loader | bytes of | cache | s | GB/s | peak GPU during load GB | peak RSS GB | status |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in raw_rows:
             status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error')}"
             lines.append(
@@ -241,15 +298,23 @@ def markdown_tables(records: list[dict[str, Any]]) -> str:
     profiled = [r for r in records if r.get("profiled") and r.get("status") == "ok"]
     for r in profiled:
         share = r["profile_pluggy_s"] / r["profile_total_s"] if r.get("profile_total_s") else None
-        lines.append(f"\nProfiled qcore {r['mode']} load (cProfile): {_fmt(r.get('profile_total_s'))} s, of which "
-                     f"pluggy frames {_fmt(r.get('profile_pluggy_s'), 4)} s ({_fmt(share and 100 * share, 2)}%).")
+        lines.append(
+            f"\nProfiled qcore {r['mode']} load (cProfile): {_fmt(r.get('profile_total_s'))} s, of which "
+            f"pluggy frames {_fmt(r.get('profile_pluggy_s'), 4)} s ({_fmt(share and 100 * share, 2)}%)."
+        )
     return "\n".join(lines)
 
 
 def _best_raw(rows: list[dict[str, Any]], mode: str, cache: str) -> dict[str, Any] | None:
     raw_mode = "nf4-prequantized" if mode == "nf4-prequantized" else "bf16"
-    raws = [r for r in rows if r["loader"] in RAW_LOADERS and r["mode"] == raw_mode and r["cache"] == cache
-            and r["status"] == "ok"]
+    raws = [
+        r
+        for r in rows
+        if r["loader"] in RAW_LOADERS
+        and r["mode"] == raw_mode
+        and r["cache"] == cache
+        and r["status"] == "ok"
+    ]
     return min(raws, key=_best) if raws else None
 
 
@@ -261,10 +326,13 @@ def _row(rows: list[dict[str, Any]], loader: str, mode: str, cache: str) -> dict
 
 
 def ratio_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["Ratios use the fastest of the repeats of each row.", "",
-             "| mode | cache | qcore s | diffusers s | qcore / diffusers | fastest raw (s) | qcore / raw "
-             "| target | peak GPU ≤ model+2% | peak RSS ≤ 1.5 GB | rel err vs diffusers ≤ 1e-3 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "Ratios use the fastest of the repeats of each row.",
+        "",
+        "| mode | cache | qcore s | diffusers s | qcore / diffusers | fastest raw (s) | qcore / raw "
+        "| target | peak GPU ≤ model+2% | peak RSS ≤ 1.5 GB | rel err vs diffusers ≤ 1e-3 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for cache in ("warm", "cold"):
         for mode in ALL_MODES:
             q = _row(rows, "qcore", mode, cache)
@@ -319,8 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=16, help="threads of the preadv raw loader")
     p.add_argument("--timeout", type=int, default=300, help="seconds per run")
     p.add_argument("--import-check", action="store_true", help="add the `import qcore` row")
-    p.add_argument("--profile", type=Path, help="after the runs, one cProfile'd qcore load per mode, "
-                   "summaries appended to this file (rows marked profiled, left out of the tables)")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        help="after the runs, one cProfile'd qcore load per mode, "
+        "summaries appended to this file (rows marked profiled, left out of the tables)",
+    )
     p.add_argument("--no-env", action="store_true", help="do not write the versions line")
     p.add_argument("--summary", type=Path, help="print the tables for an existing results file and exit")
     args = p.parse_args(argv)
@@ -332,7 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--checkpoint is required")
     modes = [m for m in args.modes.split(",") if m]
     loaders = [name for name in args.loaders.split(",") if name]
-    unknown = [m for m in modes if m not in ALL_MODES] + [x for x in loaders if x not in MODEL_LOADERS + RAW_LOADERS]
+    unknown = [m for m in modes if m not in ALL_MODES] + [
+        x for x in loaders if x not in MODEL_LOADERS + RAW_LOADERS
+    ]
     if unknown:
         p.error(f"unknown mode or loader: {', '.join(unknown)}")
     if args.drop_caches and os.geteuid() != 0:

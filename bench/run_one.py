@@ -111,7 +111,8 @@ def load_raw(loader: str, path: Path, device: str, threads: int) -> Any:
         return lambda: load_files(files, device=device, threads=threads)
     if device == "cpu":
         raise RuntimeError(f"{loader} loads onto CUDA devices only")
-    from instanttensor import BackendPolicy, safe_open as it_open
+    from instanttensor import BackendPolicy
+    from instanttensor import safe_open as it_open
 
     backend = BackendPolicy.BUFFERED if loader == "instanttensor" else None
 
@@ -284,7 +285,8 @@ def write_profile(profiler: Any, args: argparse.Namespace, record: dict[str, Any
     stats = pstats.Stats(profiler)
     # where the plugin machinery's own time goes: pluggy's dispatch frames
     record["profile_pluggy_s"] = round(
-        sum(v[2] for k, v in stats.stats.items() if "pluggy" in k[0]), 4  # type: ignore[attr-defined]
+        sum(v[2] for k, v in stats.stats.items() if "pluggy" in k[0]),
+        4,  # type: ignore[attr-defined]
     )
     record["profile_total_s"] = round(stats.total_tt, 4)  # type: ignore[attr-defined]
     text = io.StringIO()
@@ -314,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         # a refusal (diffusers' "A GPU is needed" on CPU, say) is a result, not a crash of the harness
         record["status"] = "error"
-        record["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+        record["error"] = (
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+        )
         traceback.print_exc(file=sys.stderr)
     print("BENCH_RESULT " + json.dumps(record), flush=True)
     return 0
