@@ -4,11 +4,13 @@ Makes its own tiny FluxTransformer2DModel checkpoint in a temporary directory, t
 
 - cuda/4bit/*: every nf4/fp4 x double-quant x quant_storage combination quantizes on the GPU to the bytes
   bitsandbytes.functional.quantize_4bit gives, runs, and round-trips through save/load bit-exactly;
-- cuda/8bit: the same for LLM.int8 (bytes of int8_vectorwise_quant, threshold 6.0);
+- cuda/8bit: the same for LLM.int8: int8 weights and SCB right after loading, equal to what bitsandbytes' own
+  Linear8bitLt holds after its move to the GPU (and to int8_vectorwise_quant of the float16 weight);
 - diffusers->qcore/{nf4,8bit}: diffusers quantizes and saves; qcore loads it: same state, same output;
 - qcore->diffusers/{nf4,8bit}: qcore quantizes and saves; diffusers loads it: same state, same output (the
   sharded variant, with statistics in other shards than their weights, is reported but not gating);
-- same-quantization/{nf4,8bit}: quantize-on-load by qcore and by diffusers give identical tensors.
+- same-quantization/{nf4,8bit}: quantize-on-load by qcore and by diffusers quantize the same modules and give
+  identical tensors.
 
 Prints one JSON line per check (max abs diff, relative error against bf16) and exits 1 if any failed.
 
@@ -63,13 +65,22 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def same_state(a: torch.nn.Module, b: torch.nn.Module) -> tuple[bool, str]:
     sa, sb = a.state_dict(), b.state_dict()
     if sorted(sa) != sorted(sb):
-        return False, f"keys differ: {sorted(set(sa) ^ set(sb))[:5]}"
+        # Both sides and full counts: a truncated symmetric difference hides which model lacks what.
+        only_a, only_b = sorted(set(sa) - set(sb)), sorted(set(sb) - set(sa))
+        return False, (f"keys differ: {len(only_a)} only in the first ({only_a[:6]}), "
+                       f"{len(only_b)} only in the second ({only_b[:6]})")
     for key in sa:
         if sa[key].dtype != sb[key].dtype and not key.endswith("bias"):
             return False, f"{key}: {sa[key].dtype} vs {sb[key].dtype}"
         if sa[key].dtype == sb[key].dtype and not torch.equal(bits(sa[key]), bits(sb[key])):
             return False, f"{key} differs"
     return True, ""
+
+
+def quantized_modules(model: torch.nn.Module) -> list[str]:
+    import bitsandbytes as bnb
+
+    return [n for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
 
 
 def figures(out: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
@@ -153,18 +164,24 @@ def main() -> int:
     def eight_bit() -> dict[str, Any]:
         model = qcore.from_pretrained(Flux, tmp / "bf16", quantization_config=BitsAndBytesConfig(load_in_8bit=True),
                                       **load_kw)
-        for name, module in model.named_modules():
-            if isinstance(module, bnb.nn.Linear8bitLt):
-                cb, scb, _ = F.int8_vectorwise_quant(source[f"{name}.weight"].to(device, torch.float16))
-                assert torch.equal(module.weight.data, cb) and torch.equal(module.weight.SCB, scb), name
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+        for name, module in layers.items():
+            weight = module.weight
+            assert weight.device.type == torch.device(device).type, name
+            assert weight.dtype == torch.int8 and weight.SCB is not None, f"{name}: left {weight.dtype} without SCB"
+            # bitsandbytes' own path (diffusers' too): a 16-bit CPU Int8Params moved to the device.
+            own = bnb.nn.Int8Params(source[f"{name}.weight"], requires_grad=False, has_fp16_weights=False).to(device)
+            assert torch.equal(weight.data, own.data) and torch.equal(weight.SCB, own.SCB), f"{name}: != Int8Params"
+            cb, scb, _ = F.int8_vectorwise_quant(source[f"{name}.weight"].to(device, torch.float16))
+            assert torch.equal(weight.data, cb) and torch.equal(weight.SCB, scb), f"{name}: != int8_vectorwise_quant"
         out = run(model)
         qcore.save_pretrained(model, tmp / "q-int8")
         reloaded = qcore.from_pretrained(Flux, tmp / "q-int8", **load_kw)
         same, why = same_state(model, reloaded)
         exact = torch.equal(run(reloaded), out)
         rel = figures(out, ref)["rel_err"]
-        return {"ok": same and exact and rel < 0.03, "rel_err_vs_bf16": rel, "reload_bit_exact": same and exact,
-                "why": why}
+        return {"ok": same and exact and rel < 0.03, "layers": len(layers), "rel_err_vs_bf16": rel,
+                "reload_bit_exact": same and exact, "why": why}
 
     check(f"{device}/8bit", eight_bit)
 
@@ -195,7 +212,18 @@ def main() -> int:
         ours_out = run(ours)
         target = tmp / f"qcore-{mode}-{max_shard_size}"
         qcore.save_pretrained(ours, target, max_shard_size=max_shard_size)
-        theirs = Flux.from_pretrained(target, torch_dtype=torch.bfloat16)
+        try:
+            theirs = Flux.from_pretrained(target, torch_dtype=torch.bfloat16)
+        except ValueError as exc:
+            if "quantized_stats" not in str(exc):
+                raise
+            # diffusers' 4-bit loader wants a weight's statistics in the same shard as the weight; qcore
+            # writes a valid checkpoint and reads it back itself.
+            again, why_ours = same_state(ours, qcore.from_pretrained(Flux, target, **load_kw))
+            return {"ok": False, "qcore_reload_same_state": again,
+                    "why": "known diffusers bug: its bitsandbytes 4-bit loader cannot load statistics stored in "
+                           "another shard than their weight (" + str(exc)[:160] + "); not gating. qcore reloads "
+                           "this sharded checkpoint " + ("bit-exactly" if again else f"WRONGLY: {why_ours}")}
         same, why = same_state(ours, theirs)
         fig = figures(run(theirs), ours_out)
         return {"ok": same and fig["max_abs_diff"] == 0.0, **fig, "same_state": same, "why": why}
@@ -205,15 +233,22 @@ def main() -> int:
                                      **load_kw)
         theirs = Flux.from_pretrained(tmp / "bf16", quantization_config=diffusers.BitsAndBytesConfig(**modes[mode]),
                                       torch_dtype=torch.bfloat16)
+        selected = quantized_modules(ours) == quantized_modules(theirs)
+        if not selected:
+            only_ours = sorted(set(quantized_modules(ours)) - set(quantized_modules(theirs)))
+            only_theirs = sorted(set(quantized_modules(theirs)) - set(quantized_modules(ours)))
+            return {"ok": False, "same_modules": False,
+                    "why": f"quantized only by qcore: {only_ours}; only by diffusers: {only_theirs}"}
         same, why = same_state(ours, theirs)
         fig = figures(run(ours), run(theirs))
-        return {"ok": same and fig["max_abs_diff"] == 0.0, **fig, "same_state": same, "why": why}
+        return {"ok": same and fig["max_abs_diff"] == 0.0, **fig, "same_state": same, "why": why,
+                "layers": len(quantized_modules(ours))}
 
     for mode in modes:
         check(f"diffusers->qcore/{mode}", lambda: diffusers_to_qcore(mode))
         check(f"qcore->diffusers/{mode}", lambda: qcore_to_diffusers(mode, "10GB"))
-        # Small shards put some 4-bit statistics in another file than their weight, which diffusers
-        # itself fails to load (a known diffusers bug); reported, not gating.
+        # Small shards put some statistics in another file than their weight; diffusers 0.42.1 loads
+        # that for 8-bit but not for 4-bit (a known diffusers bug, named in "why"): reported, not gating.
         check(f"qcore->diffusers/{mode}/sharded", lambda: qcore_to_diffusers(mode, "20KB"), gating=False)
         check(f"same-quantization/{mode}", lambda: same_quantization(mode))
 

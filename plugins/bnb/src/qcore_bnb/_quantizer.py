@@ -440,6 +440,20 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise _corrupt(key, "contains NaN or infinite values")
 
+    @staticmethod
+    def _quantize_8bit(value: torch.Tensor, device: torch.device) -> Any:
+        """``value`` as the ``Int8Params`` a ``Linear8bitLt`` holds after its move to ``device``.
+
+        ``Int8Params.to`` quantizes only a tensor that still sits on the CPU; qcore streams weights
+        straight to the GPU, where ``.to`` would keep them in 16 bits without SCB. So the steps of
+        ``Int8Params._quantize`` are done here, on any device: float16 on ``device``, then row-wise
+        absmax int8 with threshold 0 (the layer's threshold applies to activations only).
+        """
+        bnb = _bnb()
+        source = value.contiguous().to(device=device, dtype=torch.float16)
+        cb, scb, _ = bnb.functional.int8_vectorwise_quant(source)
+        return bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+
     def _create_8bit(
         self,
         bnb: Any,
@@ -456,8 +470,7 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
             data = value.to(device=device, dtype=self.torch_dtype or value.dtype)
             return bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=True)
         if not self.pre_quantized:
-            param = bnb.nn.Int8Params(value, requires_grad=False, has_fp16_weights=False)
-            return param.to(device)  # Int8Params quantizes on its first move off the CPU tensor
+            return self._quantize_8bit(value, device)
         if value.dtype != torch.int8:
             raise _corrupt(param_name, f"is {value.dtype}; a pre-quantized 8-bit weight must be int8")
         scb_key = f"{prefix}SCB"
