@@ -56,7 +56,13 @@ def test_quantize_on_load_on_cuda_equals_cpu(tmp_path: Path, monkeypatch: pytest
         on_gpu = TinyTransformer.from_pretrained(tmp_path / "bf16", quantization_config=Int8TestConfig(), device_map="cuda")
         assert isinstance(on_gpu.blocks[0].attn, Int8Linear)
         for name, tensor in on_cpu.state_dict().items():
-            assert torch.equal(on_gpu.state_dict()[name].cpu(), tensor), name
+            got = on_gpu.state_dict()[name].cpu()
+            if name.endswith("weight_scale"):  # CUDA and CPU division round the last bit differently
+                assert torch.allclose(got, tensor, rtol=1e-6, atol=0), name
+            elif got.dtype == torch.int8:  # so a value on a .5 boundary may round the other way
+                assert (got.int() - tensor.int()).abs().max() <= 1, name
+            else:
+                assert torch.equal(got, tensor), name
         x = torch.randn(4, 64, dtype=torch.bfloat16)
         got, want = on_gpu(x.cuda()).cpu().float(), on_cpu(x).float()
         assert ((got - want).norm() / want.norm()).item() < 1e-2  # bf16 matmuls differ between devices
