@@ -18,7 +18,10 @@ from qcore_bnb import BitsAndBytesConfig
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 NF4_DQ = BitsAndBytesConfig(
-    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype="bfloat16"
+    load_in_4bit=True,
+    bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True,
+    bnb_4bit_compute_dtype="bfloat16",
 )
 INT8 = BitsAndBytesConfig(load_in_8bit=True)
 
@@ -39,7 +42,9 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def quantized_copy(ckpt: Path, config: BitsAndBytesConfig, target: Path, **save_kwargs: object) -> Path:
-    model = qcore.from_pretrained(TinyTransformer, ckpt, quantization_config=config, torch_dtype=torch.bfloat16)
+    model = qcore.from_pretrained(
+        TinyTransformer, ckpt, quantization_config=config, torch_dtype=torch.bfloat16
+    )
     qcore.save_pretrained(model, target, **save_kwargs)
     return target
 
@@ -61,7 +66,9 @@ def int8_ckpt(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         dict(quant_type="fp4", compress_statistics=False, quant_storage=torch.bfloat16),
     ],
 )
-def test_4bit_keys_dtypes_shapes_equal_bitsandbytes_linear4bit(ckpt: Path, tmp_path: Path, options: dict) -> None:
+def test_4bit_keys_dtypes_shapes_equal_bitsandbytes_linear4bit(
+    ckpt: Path, tmp_path: Path, options: dict
+) -> None:
     config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=options["quant_type"],
@@ -76,7 +83,9 @@ def test_4bit_keys_dtypes_shapes_equal_bitsandbytes_linear4bit(ckpt: Path, tmp_p
         own = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=bias, **options)
         if bias:  # unquantized parameters load in torch_dtype (bf16 here)
             own.bias.data = own.bias.data.to(torch.bfloat16)
-        own.load_state_dict({k.removeprefix(f"{name}."): v for k, v in source.items() if k.startswith(f"{name}.")})
+        own.load_state_dict(
+            {k.removeprefix(f"{name}."): v for k, v in source.items() if k.startswith(f"{name}.")}
+        )
         own.weight.data = own.weight.data.to(w.dtype)  # quantize the stored bf16 values, as diffusers does
         own = own.to("cpu")  # bitsandbytes quantizes here
         theirs = own.state_dict()
@@ -96,10 +105,16 @@ def test_8bit_keys_dtypes_shapes_equal_bitsandbytes_linear8bitlt(int8_ckpt: Path
         own = bnb.nn.Linear8bitLt(w.shape[1], w.shape[0], bias=bias, has_fp16_weights=False, threshold=6.0)
         if bias:
             own.bias.data = own.bias.data.to(torch.bfloat16)
-        own.load_state_dict({k.removeprefix(f"{name}."): v for k, v in source.items() if k.startswith(f"{name}.")})
+        own.load_state_dict(
+            {k.removeprefix(f"{name}."): v for k, v in source.items() if k.startswith(f"{name}.")}
+        )
         theirs = own.to("cpu").state_dict()
         ours = {k.removeprefix(f"{name}."): v for k, v in saved.items() if k.startswith(f"{name}.")}
-        assert sorted(ours) == sorted(theirs) == sorted(["weight", "SCB", "weight_format"] + (["bias"] if bias else []))
+        assert (
+            sorted(ours)
+            == sorted(theirs)
+            == sorted(["weight", "SCB", "weight_format"] + (["bias"] if bias else []))
+        )
         for key, tensor in theirs.items():
             assert same_bits(ours[key], tensor), (name, key)
 
@@ -121,7 +136,9 @@ def assert_same_model(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 @pytest.mark.parametrize("which", ["nf4", "int8"])
-def test_sharded_save_round_trip_is_bit_exact(which: str, nf4_ckpt: Path, int8_ckpt: Path, tmp_path: Path) -> None:
+def test_sharded_save_round_trip_is_bit_exact(
+    which: str, nf4_ckpt: Path, int8_ckpt: Path, tmp_path: Path
+) -> None:
     source = nf4_ckpt if which == "nf4" else int8_ckpt
     model = qcore.from_pretrained(TinyTransformer, source, torch_dtype=torch.bfloat16)
     qcore.save_pretrained(model, tmp_path / "sharded", max_shard_size="4KB")
@@ -139,19 +156,31 @@ def split_into_shards(source: Path, target: Path, second: set[str]) -> None:
     shutil.copytree(source, target)
     (target / WEIGHTS).unlink()
     tensors = load_file(source / WEIGHTS)
-    names = ["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors"]
-    parts = [{k: v for k, v in tensors.items() if k not in second}, {k: v for k, v in tensors.items() if k in second}]
-    for name, part in zip(names, parts):
+    names = [
+        "diffusion_pytorch_model-00001-of-00002.safetensors",
+        "diffusion_pytorch_model-00002-of-00002.safetensors",
+    ]
+    parts = [
+        {k: v for k, v in tensors.items() if k not in second},
+        {k: v for k, v in tensors.items() if k in second},
+    ]
+    for name, part in zip(names, parts, strict=True):
         save_file(part, target / name, metadata={"format": "pt"})
     weight_map = {k: names[k in second] for k in tensors}
     (target / f"{WEIGHTS}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 @pytest.mark.parametrize("which", ["nf4", "int8"])
-def test_stats_in_another_shard_than_their_weight(which: str, nf4_ckpt: Path, int8_ckpt: Path, tmp_path: Path) -> None:
+def test_stats_in_another_shard_than_their_weight(
+    which: str, nf4_ckpt: Path, int8_ckpt: Path, tmp_path: Path
+) -> None:
     source = nf4_ckpt if which == "nf4" else int8_ckpt
     keys = load_file(source / WEIGHTS).keys()
-    stats = {k for k in keys if k.startswith("blocks.0.attn.") and k not in ("blocks.0.attn.weight", "blocks.0.attn.bias")}
+    stats = {
+        k
+        for k in keys
+        if k.startswith("blocks.0.attn.") and k not in ("blocks.0.attn.weight", "blocks.0.attn.bias")
+    }
     assert stats
     split_into_shards(source, tmp_path / "split", stats)
     with safe_open(tmp_path / "split" / "diffusion_pytorch_model-00002-of-00002.safetensors", "pt") as f:
@@ -181,23 +210,68 @@ def _drop(key: str):  # noqa: ANN202
 
 
 NF4_DAMAGE = [
-    ("missing absmax", _drop("blocks.0.attn.weight.absmax"), qcore.MissingKeysError, "blocks.0.attn.weight.absmax"),
-    ("missing nested_absmax", _drop("proj_in.weight.nested_absmax"), qcore.MissingKeysError, "proj_in.weight.nested_absmax"),
+    (
+        "missing absmax",
+        _drop("blocks.0.attn.weight.absmax"),
+        qcore.MissingKeysError,
+        "blocks.0.attn.weight.absmax",
+    ),
+    (
+        "missing nested_absmax",
+        _drop("proj_in.weight.nested_absmax"),
+        qcore.MissingKeysError,
+        "proj_in.weight.nested_absmax",
+    ),
     ("missing quant_state", _drop(QS), qcore.MissingKeysError, QS),
-    ("garbage quant_state", _set(QS, torch.tensor([0xFF, 0x00, 0x7B], dtype=torch.uint8)), qcore.CorruptCheckpointError, QS),
+    (
+        "garbage quant_state",
+        _set(QS, torch.tensor([0xFF, 0x00, 0x7B], dtype=torch.uint8)),
+        qcore.CorruptCheckpointError,
+        QS,
+    ),
     ("quant_state not uint8", _set(QS, torch.zeros(4)), qcore.CorruptCheckpointError, QS),
-    ("absmax wrong size", _set("blocks.0.attn.weight.absmax", torch.zeros(3, dtype=torch.uint8)), qcore.CorruptCheckpointError, "blocks.0.attn.weight.absmax"),
-    ("quant_map wrong dtype", _set("proj_out.weight.quant_map", torch.zeros(16, dtype=torch.float16)), qcore.CorruptCheckpointError, "proj_out.weight.quant_map"),
-    ("nested_absmax NaN", _set("proj_out.weight.nested_absmax", torch.full((1,), float("nan"))), qcore.CorruptCheckpointError, "proj_out.weight.nested_absmax"),
-    ("weight wrong shape", _set("blocks.0.attn.weight", torch.zeros(100, 1, dtype=torch.uint8)), qcore.ShapeMismatchError, "blocks.0.attn.weight"),
+    (
+        "absmax wrong size",
+        _set("blocks.0.attn.weight.absmax", torch.zeros(3, dtype=torch.uint8)),
+        qcore.CorruptCheckpointError,
+        "blocks.0.attn.weight.absmax",
+    ),
+    (
+        "quant_map wrong dtype",
+        _set("proj_out.weight.quant_map", torch.zeros(16, dtype=torch.float16)),
+        qcore.CorruptCheckpointError,
+        "proj_out.weight.quant_map",
+    ),
+    (
+        "nested_absmax NaN",
+        _set("proj_out.weight.nested_absmax", torch.full((1,), float("nan"))),
+        qcore.CorruptCheckpointError,
+        "proj_out.weight.nested_absmax",
+    ),
+    (
+        "weight wrong shape",
+        _set("blocks.0.attn.weight", torch.zeros(100, 1, dtype=torch.uint8)),
+        qcore.ShapeMismatchError,
+        "blocks.0.attn.weight",
+    ),
     ("missing weight", _drop("blocks.0.attn.weight"), qcore.MissingKeysError, "blocks.0.attn.weight"),
-    ("stray stat", _set("norm_out.weight.absmax", torch.zeros(1)), qcore.CorruptCheckpointError, "norm_out.weight.absmax"),
+    (
+        "stray stat",
+        _set("norm_out.weight.absmax", torch.zeros(1)),
+        qcore.CorruptCheckpointError,
+        "norm_out.weight.absmax",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("label", "edit", "error", "key"), NF4_DAMAGE, ids=[d[0] for d in NF4_DAMAGE])
 def test_damaged_4bit_checkpoint_raises_naming_the_key(
-    nf4_ckpt: Path, tmp_path: Path, label: str, edit, error: type, key: str  # noqa: ANN001
+    nf4_ckpt: Path,
+    tmp_path: Path,
+    label: str,
+    edit,
+    error: type,
+    key: str,  # noqa: ANN001
 ) -> None:
     path = damaged(nf4_ckpt, tmp_path / "bad", edit)
     with pytest.raises(error) as info:
@@ -217,15 +291,30 @@ def test_quant_state_for_another_shape_is_refused(nf4_ckpt: Path, tmp_path: Path
 
 INT8_DAMAGE = [
     ("missing SCB", _drop("blocks.0.attn.SCB"), qcore.MissingKeysError, "blocks.0.attn.SCB"),
-    ("float weight", _set("proj_in.weight", torch.zeros(64, 64)), qcore.CorruptCheckpointError, "proj_in.weight"),
+    (
+        "float weight",
+        _set("proj_in.weight", torch.zeros(64, 64)),
+        qcore.CorruptCheckpointError,
+        "proj_in.weight",
+    ),
     ("SCB wrong size", _set("proj_out.SCB", torch.ones(3)), qcore.CorruptCheckpointError, "proj_out.SCB"),
-    ("column format", _set("proj_out.weight_format", torch.tensor(1, dtype=torch.uint8)), qcore.CorruptCheckpointError, "proj_out.weight_format"),
+    (
+        "column format",
+        _set("proj_out.weight_format", torch.tensor(1, dtype=torch.uint8)),
+        qcore.CorruptCheckpointError,
+        "proj_out.weight_format",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("label", "edit", "error", "key"), INT8_DAMAGE, ids=[d[0] for d in INT8_DAMAGE])
 def test_damaged_8bit_checkpoint_raises_naming_the_key(
-    int8_ckpt: Path, tmp_path: Path, label: str, edit, error: type, key: str  # noqa: ANN001
+    int8_ckpt: Path,
+    tmp_path: Path,
+    label: str,
+    edit,
+    error: type,
+    key: str,  # noqa: ANN001
 ) -> None:
     path = damaged(int8_ckpt, tmp_path / "bad", edit)
     with pytest.raises(error) as info:
@@ -249,10 +338,16 @@ def test_legacy_config_json_without_quant_method_loads_quantized(nf4_ckpt: Path,
     assert_same_model(model, qcore.from_pretrained(TinyTransformer, nf4_ckpt, torch_dtype=torch.bfloat16))
 
 
-def test_loading_attributes_apply_other_fields_are_ignored(nf4_ckpt: Path, caplog: pytest.LogCaptureFixture) -> None:
-    user = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float16)
+def test_loading_attributes_apply_other_fields_are_ignored(
+    nf4_ckpt: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    user = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float16
+    )
     with caplog.at_level("WARNING", logger="qcore"):
-        model = qcore.from_pretrained(TinyTransformer, nf4_ckpt, quantization_config=user, torch_dtype=torch.bfloat16)
+        model = qcore.from_pretrained(
+            TinyTransformer, nf4_ckpt, quantization_config=user, torch_dtype=torch.bfloat16
+        )
     assert "bnb_4bit_quant_type" in caplog.text
     assert model.blocks[0].attn.compute_dtype == torch.float16  # a loading attribute: the user's wins
     assert model.blocks[0].attn.weight.quant_type == "nf4"  # the layout: the checkpoint's wins
@@ -261,6 +356,9 @@ def test_loading_attributes_apply_other_fields_are_ignored(nf4_ckpt: Path, caplo
 
 def test_8bit_checkpoint_with_quantize_config_for_4bit_keeps_checkpoint_layout(int8_ckpt: Path) -> None:
     model = qcore.from_pretrained(
-        TinyTransformer, int8_ckpt, quantization_config=BitsAndBytesConfig(load_in_4bit=True), torch_dtype=torch.bfloat16
+        TinyTransformer,
+        int8_ckpt,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True),
+        torch_dtype=torch.bfloat16,
     )
     assert isinstance(model.proj_in, bnb.nn.Linear8bitLt) and model.is_loaded_in_8bit

@@ -88,18 +88,28 @@ def test_unknown_on_disk_keys_are_ignored_with_a_warning(caplog: pytest.LogCaptu
 BAD = [
     ({"load_in_4bit": True, "load_in_8bit": True}, "load_in_4bit", "choose one"),
     ({"load_in_4bit": True, "bnb_4bit_quant_type": "int4"}, "bnb_4bit_quant_type", "fp4, nf4"),
-    ({"load_in_4bit": True, "bnb_4bit_compute_dtype": "int8"}, "bnb_4bit_compute_dtype", "float32, float16, bfloat16"),
+    (
+        {"load_in_4bit": True, "bnb_4bit_compute_dtype": "int8"},
+        "bnb_4bit_compute_dtype",
+        "float32, float16, bfloat16",
+    ),
     ({"load_in_4bit": True, "bnb_4bit_compute_dtype": 3}, "bnb_4bit_compute_dtype", "bfloat16"),
     ({"load_in_4bit": True, "bnb_4bit_quant_storage": "complex64"}, "bnb_4bit_quant_storage", "uint8"),
     ({"load_in_4bit": "yes"}, "load_in_4bit", "True or False"),
     ({"load_in_8bit": True, "llm_int8_threshold": "6"}, "llm_int8_threshold", "number"),
-    ({"load_in_8bit": True, "llm_int8_skip_modules": "proj_out"}, "llm_int8_skip_modules", "list of module names"),
+    (
+        {"load_in_8bit": True, "llm_int8_skip_modules": "proj_out"},
+        "llm_int8_skip_modules",
+        "list of module names",
+    ),
     ({"load_in_4bit": True, "bnb_4bit_quant_typ": "nf4"}, "bnb_4bit_quant_typ", "bnb_4bit_quant_type"),
 ]
 
 
 @pytest.mark.parametrize(("kwargs", "option", "hint"), BAD)
-def test_invalid_values_raise_config_error_naming_option_and_choices(kwargs: dict, option: str, hint: str) -> None:
+def test_invalid_values_raise_config_error_naming_option_and_choices(
+    kwargs: dict, option: str, hint: str
+) -> None:
     with pytest.raises(qcore.ConfigError) as info:
         BitsAndBytesConfig(**kwargs)
     assert info.value.option == option
@@ -109,7 +119,9 @@ def test_invalid_values_raise_config_error_naming_option_and_choices(kwargs: dic
 
 def test_from_dict_with_disagreeing_private_and_public_flags() -> None:
     with pytest.raises(qcore.ConfigError, match="_load_in_4bit"):
-        BitsAndBytesConfig.from_dict({"quant_method": "bitsandbytes", "load_in_4bit": True, "_load_in_4bit": False})
+        BitsAndBytesConfig.from_dict(
+            {"quant_method": "bitsandbytes", "load_in_4bit": True, "_load_in_4bit": False}
+        )
 
 
 def test_from_dict_refuses_another_quant_method() -> None:

@@ -27,7 +27,11 @@ class _Bnb(BackendConformance):
 
 
 class TestBnbNF4(_Bnb):
-    config_kwargs = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16}
+    config_kwargs = {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_compute_dtype": torch.bfloat16,
+    }
     forward_tolerance = 0.15
     min_memory_ratio = 2.5
 

@@ -34,16 +34,22 @@ def flux(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor]:
 
 def test_flux_loads_in_nf4_on_cpu_and_round_trips(flux: tuple, tmp_path: Path) -> None:
     path, ref = flux
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
     model = qcore.from_pretrained(
         diffusers.FluxTransformer2DModel, path, quantization_config=config, torch_dtype=torch.bfloat16
     )
     # By name: another test module may have re-imported diffusers' lazily loaded model modules.
-    assert f"{type(model).__module__}.{type(model).__qualname__}".endswith("transformer_flux.FluxTransformer2DModel")
+    assert f"{type(model).__module__}.{type(model).__qualname__}".endswith(
+        "transformer_flux.FluxTransformer2DModel"
+    )
     quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     plain = [m for m in model.modules() if type(m) is torch.nn.Linear]
     assert len(quantized) > 20 and not plain
-    assert model.is_loaded_in_4bit and model.config.quantization_config is model.hf_quantizer.quantization_config
+    assert (
+        model.is_loaded_in_4bit and model.config.quantization_config is model.hf_quantizer.quantization_config
+    )
     with torch.no_grad():
         out = model(**flux_inputs())[0]
     assert out.shape == ref.shape and torch.isfinite(out).all()
@@ -54,7 +60,9 @@ def test_flux_loads_in_nf4_on_cpu_and_round_trips(flux: tuple, tmp_path: Path) -
         model.to(torch.float32)
 
     qcore.save_pretrained(model, tmp_path / "nf4")
-    reloaded = qcore.from_pretrained(diffusers.FluxTransformer2DModel, tmp_path / "nf4", torch_dtype=torch.bfloat16)
+    reloaded = qcore.from_pretrained(
+        diffusers.FluxTransformer2DModel, tmp_path / "nf4", torch_dtype=torch.bfloat16
+    )
     with torch.no_grad():
         assert torch.equal(reloaded(**flux_inputs())[0], out)
     # diffusers reads the config qcore wrote (it refuses bitsandbytes weights on CPU, so the GPU script

@@ -32,7 +32,11 @@ COMBOS = [
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit equality: packed 4-bit weights stored as floats hold NaN patterns, which torch.equal rejects."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -68,7 +72,9 @@ def test_4bit_combination_quantizes_like_bitsandbytes_and_round_trips(
         bnb_4bit_quant_storage=storage,
         bnb_4bit_compute_dtype=compute,
     )
-    model = qcore.from_pretrained(TinyTransformer, ckpt, quantization_config=config, torch_dtype=torch.bfloat16)
+    model = qcore.from_pretrained(
+        TinyTransformer, ckpt, quantization_config=config, torch_dtype=torch.bfloat16
+    )
     source = load_file(ckpt / "diffusion_pytorch_model.safetensors")
     layers = linear4bit_modules(model)
     assert len(layers) == 2 * 3 + 2  # attn + proj_out per block (2 blocks + 1 vace block), proj_in, proj_out
@@ -112,7 +118,9 @@ def test_4bit_combination_quantizes_like_bitsandbytes_and_round_trips(
 
 def test_8bit_quantizes_like_bitsandbytes_with_threshold(ckpt: Path, reference: tuple) -> None:
     config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=5.0)
-    model = qcore.from_pretrained(TinyTransformer, ckpt, quantization_config=config, torch_dtype=torch.bfloat16)
+    model = qcore.from_pretrained(
+        TinyTransformer, ckpt, quantization_config=config, torch_dtype=torch.bfloat16
+    )
     source = load_file(ckpt / "diffusion_pytorch_model.safetensors")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
     assert len(layers) == 8
@@ -145,7 +153,9 @@ def test_skip_modules_match_whole_names_and_config_is_not_mutated(ckpt: Path) ->
     skip = ["blocks"]
     config = BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=skip)
     before = config.to_dict()
-    model = qcore.from_pretrained(TinyTransformer, ckpt, quantization_config=config, torch_dtype=torch.bfloat16)
+    model = qcore.from_pretrained(
+        TinyTransformer, ckpt, quantization_config=config, torch_dtype=torch.bfloat16
+    )
     assert type(model.blocks[0].attn) is nn.Linear and type(model.blocks[1].proj_out) is nn.Linear
     assert isinstance(model.vace_blocks[0].attn, bnb.nn.Linear4bit)  # "blocks" is not "vace_blocks"
     assert isinstance(model.proj_out, bnb.nn.Linear4bit)
@@ -154,7 +164,9 @@ def test_skip_modules_match_whole_names_and_config_is_not_mutated(ckpt: Path) ->
     assert model.hf_quantizer.quantization_config is not config
 
     dotted = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["blocks.0.attn", "proj_out"])
-    model = qcore.from_pretrained(TinyTransformer, ckpt, quantization_config=dotted, torch_dtype=torch.bfloat16)
+    model = qcore.from_pretrained(
+        TinyTransformer, ckpt, quantization_config=dotted, torch_dtype=torch.bfloat16
+    )
     assert type(model.blocks[0].attn) is nn.Linear
     assert isinstance(model.blocks[1].attn, bnb.nn.Linear8bitLt)
     # "proj_out" is a whole module-name component: the top-level one and every block's.
@@ -167,7 +179,9 @@ class FP32OutTransformer(TinyTransformer):
 
 def test_keep_in_fp32_modules_stay_fp32_and_unquantized(ckpt: Path, tmp_path: Path) -> None:
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
-    model = qcore.from_pretrained(FP32OutTransformer, ckpt, quantization_config=config, torch_dtype=torch.bfloat16)
+    model = qcore.from_pretrained(
+        FP32OutTransformer, ckpt, quantization_config=config, torch_dtype=torch.bfloat16
+    )
     kept = {n: m for n, m in model.named_modules() if n.endswith("proj_out")}
     assert len(kept) == 4
     for name, module in kept.items():
@@ -183,16 +197,24 @@ def test_keep_in_fp32_modules_stay_fp32_and_unquantized(ckpt: Path, tmp_path: Pa
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
 def test_dequantize_restores_pre_quantization_dtype(ckpt: Path, reference: tuple, mode: str) -> None:
     if mode == "nf4":
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True
+        )
     else:
         config = BitsAndBytesConfig(load_in_8bit=True)
-    model = qcore.from_pretrained(TinyTransformer, ckpt, quantization_config=config, torch_dtype=torch.bfloat16)
+    model = qcore.from_pretrained(
+        TinyTransformer, ckpt, quantization_config=config, torch_dtype=torch.bfloat16
+    )
     expected = {}
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            expected[name] = F.dequantize_4bit(module.weight.data, module.weight.quant_state).to(torch.bfloat16)
+            expected[name] = F.dequantize_4bit(module.weight.data, module.weight.quant_state).to(
+                torch.bfloat16
+            )
         elif isinstance(module, bnb.nn.Linear8bitLt):
-            expected[name] = F.int8_vectorwise_dequant(module.weight.data, module.weight.SCB).to(torch.bfloat16)
+            expected[name] = F.int8_vectorwise_dequant(module.weight.data, module.weight.SCB).to(
+                torch.bfloat16
+            )
     x, ref = reference
     with torch.no_grad():
         quantized_out = model(x)
@@ -216,10 +238,19 @@ def test_config_without_4_or_8_bit_is_refused(ckpt: Path) -> None:
 
 
 def test_cpu_offload_split_needs_the_flag(ckpt: Path) -> None:
-    device_map = {"proj_in": "cpu", "blocks": "cuda:0", "vace_blocks": "cpu", "norm_out": "cpu", "proj_out": "cpu"}
+    device_map = {
+        "proj_in": "cpu",
+        "blocks": "cuda:0",
+        "vace_blocks": "cpu",
+        "norm_out": "cpu",
+        "proj_out": "cpu",
+    }
     with pytest.raises(qcore.ConfigError, match="llm_int8_enable_fp32_cpu_offload"):
         qcore.from_pretrained(
-            TinyTransformer, ckpt, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map=device_map
+            TinyTransformer,
+            ckpt,
+            quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+            device_map=device_map,
         )
 
 
@@ -234,4 +265,6 @@ def test_unquantized_integer_weight_is_refused(ckpt: Path, tmp_path: Path) -> No
     tensors["blocks.0.attn.weight"] = tensors["blocks.0.attn.weight"].to(torch.int8)
     save_file(tensors, target / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
     with pytest.raises(qcore.CorruptCheckpointError, match="blocks.0.attn.weight"):
-        qcore.from_pretrained(TinyTransformer, target, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+        qcore.from_pretrained(
+            TinyTransformer, target, quantization_config=BitsAndBytesConfig(load_in_4bit=True)
+        )

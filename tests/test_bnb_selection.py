@@ -30,8 +30,14 @@ MODES = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16),
 }
 # Skip lists on which diffusers' rule and qcore's whole-name rule agree ("linear" names leaf modules).
-SKIPS: list[list[str] | None] = [None, ["proj_out"], ["context_embedder", "norm_out"], ["linear"],
-                                 ["transformer_blocks.0.ff"], ["x_embedder", "single_transformer_blocks"]]
+SKIPS: list[list[str] | None] = [
+    None,
+    ["proj_out"],
+    ["context_embedder", "norm_out"],
+    ["linear"],
+    ["transformer_blocks.0.ff"],
+    ["x_embedder", "single_transformer_blocks"],
+]
 
 
 def flux_skeleton() -> torch.nn.Module:
@@ -68,7 +74,9 @@ def diffusers_selection(model: torch.nn.Module, options: dict[str, Any]) -> tupl
 def qcore_selection(model: torch.nn.Module, options: dict[str, Any]) -> tuple[list[str], list[str]]:
     quantizer = BitsAndBytesQuantizer(BitsAndBytesConfig(**options))
     keep_fp32 = list(getattr(type(model), "_keep_in_fp32_modules", None) or [])
-    quantizer.preprocess_model(model=model, device_map={"": torch.device("cpu")}, keep_in_fp32_modules=keep_fp32)
+    quantizer.preprocess_model(
+        model=model, device_map={"": torch.device("cpu")}, keep_in_fp32_modules=keep_fp32
+    )
     return selection(model)
 
 
@@ -76,7 +84,9 @@ def qcore_selection(model: torch.nn.Module, options: dict[str, Any]) -> tuple[li
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_flux_selection_equals_diffusers(mode: str, skip: list[str] | None) -> None:
     options = {**MODES[mode], "llm_int8_skip_modules": skip}
-    theirs = diffusers_selection(flux_skeleton(), dict(options, llm_int8_skip_modules=list(skip or []) or None))
+    theirs = diffusers_selection(
+        flux_skeleton(), dict(options, llm_int8_skip_modules=list(skip or []) or None)
+    )
     ours = qcore_selection(flux_skeleton(), options)
     assert ours == theirs
     quantized, plain = ours
@@ -91,7 +101,9 @@ def test_flux_selection_equals_diffusers(mode: str, skip: list[str] | None) -> N
 def test_tiny_selection_equals_diffusers(mode: str) -> None:
     for skip in (None, ["proj_in"], ["blocks.1"], ["proj_out", "attn"]):
         options = {**MODES[mode], "llm_int8_skip_modules": skip}
-        theirs = diffusers_selection(tiny_skeleton(), dict(options, llm_int8_skip_modules=list(skip or []) or None))
+        theirs = diffusers_selection(
+            tiny_skeleton(), dict(options, llm_int8_skip_modules=list(skip or []) or None)
+        )
         assert qcore_selection(tiny_skeleton(), options) == theirs, skip
 
 
@@ -128,9 +140,16 @@ def test_8bit_load_holds_what_linear8bitlt_itself_produces(flux_ckpt: Path) -> N
         if not isinstance(module, bnb.nn.Linear8bitLt):
             continue
         # bitsandbytes' own path, the one diffusers takes: a 16-bit Linear8bitLt moved to its device.
-        reference = bnb.nn.Linear8bitLt(module.in_features, module.out_features, module.bias is not None,
-                                        has_fp16_weights=False, threshold=6.0)
-        reference.weight = bnb.nn.Int8Params(source[f"{name}.weight"], requires_grad=False, has_fp16_weights=False)
+        reference = bnb.nn.Linear8bitLt(
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            has_fp16_weights=False,
+            threshold=6.0,
+        )
+        reference.weight = bnb.nn.Int8Params(
+            source[f"{name}.weight"], requires_grad=False, has_fp16_weights=False
+        )
         reference = reference.to("cpu")
         assert module.weight.dtype == torch.int8, f"{name} was left in {module.weight.dtype}"
         assert torch.equal(module.weight.data, reference.weight.data), name

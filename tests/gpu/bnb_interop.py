@@ -15,7 +15,7 @@ Makes its own tiny FluxTransformer2DModel checkpoint in a temporary directory, t
 Prints one JSON line per check (max abs diff, relative error against bf16) and exits 1 if any failed.
 
     pip install ./core ./plugins/bnb bitsandbytes diffusers; python tests/gpu/bnb_interop.py
-    PYTHONPATH=core/src:plugins/bnb/src:<unpacked bitsandbytes, diffusers wheels> python tests/gpu/bnb_interop.py
+    PYTHONPATH=core/src:plugins/bnb/src:<bitsandbytes, diffusers wheels> python tests/gpu/bnb_interop.py
     python tests/gpu/bnb_interop.py --device cpu   # the qcore-only checks, without diffusers' CUDA-only loads
 """
 
@@ -38,8 +38,16 @@ FAILED: list[str] = []
 
 def tiny_flux_config() -> dict[str, Any]:
     return dict(
-        patch_size=1, in_channels=16, out_channels=None, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
+        patch_size=1,
+        in_channels=16,
+        out_channels=None,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=False,
         axes_dims_rope=(4, 6, 6),
     )
 
@@ -67,8 +75,10 @@ def same_state(a: torch.nn.Module, b: torch.nn.Module) -> tuple[bool, str]:
     if sorted(sa) != sorted(sb):
         # Both sides and full counts: a truncated symmetric difference hides which model lacks what.
         only_a, only_b = sorted(set(sa) - set(sb)), sorted(set(sb) - set(sa))
-        return False, (f"keys differ: {len(only_a)} only in the first ({only_a[:6]}), "
-                       f"{len(only_b)} only in the second ({only_b[:6]})")
+        return False, (
+            f"keys differ: {len(only_a)} only in the first ({only_a[:6]}), "
+            f"{len(only_b)} only in the second ({only_b[:6]})"
+        )
     for key in sa:
         if sa[key].dtype != sb[key].dtype and not key.endswith("bias"):
             return False, f"{key}: {sa[key].dtype} vs {sb[key].dtype}"
@@ -96,7 +106,9 @@ def check(name: str, fn: Callable[[], dict[str, Any]], gating: bool = True) -> N
         result, ok = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:]}, False
     if not ok and gating:
         FAILED.append(name)
-    print(json.dumps({"check": name, "ok": ok, **({} if gating else {"gating": False}), **result}), flush=True)
+    print(
+        json.dumps({"check": name, "ok": ok, **({} if gating else {"gating": False}), **result}), flush=True
+    )
 
 
 def main() -> int:
@@ -121,9 +133,20 @@ def main() -> int:
         qcore.register_backend(qcore_bnb.backend)
 
     Flux = diffusers.FluxTransformer2DModel
-    print(json.dumps({"env": {"torch": torch.__version__, "bitsandbytes": bnb.__version__,
-                              "diffusers": diffusers.__version__, "qcore": qcore.__version__,
-                              "device": torch.cuda.get_device_name() if device == "cuda" else device}}), flush=True)
+    print(
+        json.dumps(
+            {
+                "env": {
+                    "torch": torch.__version__,
+                    "bitsandbytes": bnb.__version__,
+                    "diffusers": diffusers.__version__,
+                    "qcore": qcore.__version__,
+                    "device": torch.cuda.get_device_name() if device == "cuda" else device,
+                }
+            }
+        ),
+        flush=True,
+    )
     tmp = Path(tempfile.mkdtemp(prefix="bnb-interop-"))
     torch.manual_seed(0)
     original = Flux(**tiny_flux_config()).to(torch.bfloat16).eval()
@@ -138,14 +161,24 @@ def main() -> int:
             return model(**flux_inputs(device))[0]
 
     def four_bit(qt: str, dq: bool, storage: str) -> dict[str, Any]:
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=qt, bnb_4bit_use_double_quant=dq,
-                                    bnb_4bit_quant_storage=storage, bnb_4bit_compute_dtype=torch.bfloat16)
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=qt,
+            bnb_4bit_use_double_quant=dq,
+            bnb_4bit_quant_storage=storage,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
         model = qcore.from_pretrained(Flux, tmp / "bf16", quantization_config=config, **load_kw)
         layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
         for name, module in layers.items():
             assert module.weight.device.type == torch.device(device).type, name
-            packed, state = F.quantize_4bit(source[f"{name}.weight"].to(device), blocksize=64, compress_statistics=dq,
-                                            quant_type=qt, quant_storage=getattr(torch, storage))
+            packed, state = F.quantize_4bit(
+                source[f"{name}.weight"].to(device),
+                blocksize=64,
+                compress_statistics=dq,
+                quant_type=qt,
+                quant_storage=getattr(torch, storage),
+            )
             assert torch.equal(bits(module.weight.data), bits(packed)), f"{name}: packed bytes differ"
             assert torch.equal(module.weight.quant_state.absmax, state.absmax), f"{name}: absmax differs"
         out = run(model)
@@ -155,33 +188,57 @@ def main() -> int:
         same, why = same_state(model, reloaded)
         exact = torch.equal(run(reloaded), out)
         rel = figures(out, ref)["rel_err"]
-        return {"ok": same and exact and rel < 0.2, "layers": len(layers), "rel_err_vs_bf16": rel,
-                "reload_bit_exact": same and exact, "why": why}
+        return {
+            "ok": same and exact and rel < 0.2,
+            "layers": len(layers),
+            "rel_err_vs_bf16": rel,
+            "reload_bit_exact": same and exact,
+            "why": why,
+        }
 
-    for qt, dq, storage in itertools.product(("nf4", "fp4"), (False, True), ("uint8", "bfloat16", "float16", "float32")):
-        check(f"{device}/4bit/{qt}/double_quant={dq}/storage={storage}", lambda: four_bit(qt, dq, storage))
+    for qt, dq, storage in itertools.product(
+        ("nf4", "fp4"), (False, True), ("uint8", "bfloat16", "float16", "float32")
+    ):
+        check(
+            f"{device}/4bit/{qt}/double_quant={dq}/storage={storage}",
+            lambda qt=qt, dq=dq, storage=storage: four_bit(qt, dq, storage),
+        )
 
     def eight_bit() -> dict[str, Any]:
-        model = qcore.from_pretrained(Flux, tmp / "bf16", quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-                                      **load_kw)
+        model = qcore.from_pretrained(
+            Flux, tmp / "bf16", quantization_config=BitsAndBytesConfig(load_in_8bit=True), **load_kw
+        )
         layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
         for name, module in layers.items():
             weight = module.weight
             assert weight.device.type == torch.device(device).type, name
-            assert weight.dtype == torch.int8 and weight.SCB is not None, f"{name}: left {weight.dtype} without SCB"
+            assert weight.dtype == torch.int8 and weight.SCB is not None, (
+                f"{name}: left {weight.dtype} without SCB"
+            )
             # bitsandbytes' own path (diffusers' too): a 16-bit CPU Int8Params moved to the device.
-            own = bnb.nn.Int8Params(source[f"{name}.weight"], requires_grad=False, has_fp16_weights=False).to(device)
-            assert torch.equal(weight.data, own.data) and torch.equal(weight.SCB, own.SCB), f"{name}: != Int8Params"
+            own = bnb.nn.Int8Params(source[f"{name}.weight"], requires_grad=False, has_fp16_weights=False).to(
+                device
+            )
+            assert torch.equal(weight.data, own.data) and torch.equal(weight.SCB, own.SCB), (
+                f"{name}: != Int8Params"
+            )
             cb, scb, _ = F.int8_vectorwise_quant(source[f"{name}.weight"].to(device, torch.float16))
-            assert torch.equal(weight.data, cb) and torch.equal(weight.SCB, scb), f"{name}: != int8_vectorwise_quant"
+            assert torch.equal(weight.data, cb) and torch.equal(weight.SCB, scb), (
+                f"{name}: != int8_vectorwise_quant"
+            )
         out = run(model)
         qcore.save_pretrained(model, tmp / "q-int8")
         reloaded = qcore.from_pretrained(Flux, tmp / "q-int8", **load_kw)
         same, why = same_state(model, reloaded)
         exact = torch.equal(run(reloaded), out)
         rel = figures(out, ref)["rel_err"]
-        return {"ok": same and exact and rel < 0.03, "layers": len(layers), "rel_err_vs_bf16": rel,
-                "reload_bit_exact": same and exact, "why": why}
+        return {
+            "ok": same and exact and rel < 0.03,
+            "layers": len(layers),
+            "rel_err_vs_bf16": rel,
+            "reload_bit_exact": same and exact,
+            "why": why,
+        }
 
     check(f"{device}/8bit", eight_bit)
 
@@ -190,25 +247,38 @@ def main() -> int:
         return 1 if FAILED else 0
 
     modes = {
-        "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                    bnb_4bit_compute_dtype=torch.bfloat16),
+        "nf4": dict(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        ),
         "8bit": dict(load_in_8bit=True),
     }
 
     def diffusers_to_qcore(mode: str) -> dict[str, Any]:
-        theirs = Flux.from_pretrained(tmp / "bf16", quantization_config=diffusers.BitsAndBytesConfig(**modes[mode]),
-                                      torch_dtype=torch.bfloat16)
+        theirs = Flux.from_pretrained(
+            tmp / "bf16",
+            quantization_config=diffusers.BitsAndBytesConfig(**modes[mode]),
+            torch_dtype=torch.bfloat16,
+        )
         theirs_out = run(theirs)
         theirs.save_pretrained(tmp / f"diffusers-{mode}")
         ours = qcore.from_pretrained(Flux, tmp / f"diffusers-{mode}", **load_kw)
         same, why = same_state(theirs, ours)
         fig = figures(run(ours), theirs_out)
-        return {"ok": same and fig["max_abs_diff"] == 0.0, **fig, "same_state": same, "why": why,
-                "rel_err_vs_bf16": figures(theirs_out, ref)["rel_err"]}
+        return {
+            "ok": same and fig["max_abs_diff"] == 0.0,
+            **fig,
+            "same_state": same,
+            "why": why,
+            "rel_err_vs_bf16": figures(theirs_out, ref)["rel_err"],
+        }
 
     def qcore_to_diffusers(mode: str, max_shard_size: str) -> dict[str, Any]:
-        ours = qcore.from_pretrained(Flux, tmp / "bf16", quantization_config=BitsAndBytesConfig(**modes[mode]),
-                                     **load_kw)
+        ours = qcore.from_pretrained(
+            Flux, tmp / "bf16", quantization_config=BitsAndBytesConfig(**modes[mode]), **load_kw
+        )
         ours_out = run(ours)
         target = tmp / f"qcore-{mode}-{max_shard_size}"
         qcore.save_pretrained(ours, target, max_shard_size=max_shard_size)
@@ -220,37 +290,56 @@ def main() -> int:
             # diffusers' 4-bit loader wants a weight's statistics in the same shard as the weight; qcore
             # writes a valid checkpoint and reads it back itself.
             again, why_ours = same_state(ours, qcore.from_pretrained(Flux, target, **load_kw))
-            return {"ok": False, "qcore_reload_same_state": again,
-                    "why": "known diffusers bug: its bitsandbytes 4-bit loader cannot load statistics stored in "
-                           "another shard than their weight (" + str(exc)[:160] + "); not gating. qcore reloads "
-                           "this sharded checkpoint " + ("bit-exactly" if again else f"WRONGLY: {why_ours}")}
+            return {
+                "ok": False,
+                "qcore_reload_same_state": again,
+                "why": "known diffusers bug: its bitsandbytes 4-bit loader cannot load statistics stored in "
+                "another shard than their weight (" + str(exc)[:160] + "); not gating. qcore reloads "
+                "this sharded checkpoint " + ("bit-exactly" if again else f"WRONGLY: {why_ours}"),
+            }
         same, why = same_state(ours, theirs)
         fig = figures(run(theirs), ours_out)
         return {"ok": same and fig["max_abs_diff"] == 0.0, **fig, "same_state": same, "why": why}
 
     def same_quantization(mode: str) -> dict[str, Any]:
-        ours = qcore.from_pretrained(Flux, tmp / "bf16", quantization_config=BitsAndBytesConfig(**modes[mode]),
-                                     **load_kw)
-        theirs = Flux.from_pretrained(tmp / "bf16", quantization_config=diffusers.BitsAndBytesConfig(**modes[mode]),
-                                      torch_dtype=torch.bfloat16)
+        ours = qcore.from_pretrained(
+            Flux, tmp / "bf16", quantization_config=BitsAndBytesConfig(**modes[mode]), **load_kw
+        )
+        theirs = Flux.from_pretrained(
+            tmp / "bf16",
+            quantization_config=diffusers.BitsAndBytesConfig(**modes[mode]),
+            torch_dtype=torch.bfloat16,
+        )
         selected = quantized_modules(ours) == quantized_modules(theirs)
         if not selected:
             only_ours = sorted(set(quantized_modules(ours)) - set(quantized_modules(theirs)))
             only_theirs = sorted(set(quantized_modules(theirs)) - set(quantized_modules(ours)))
-            return {"ok": False, "same_modules": False,
-                    "why": f"quantized only by qcore: {only_ours}; only by diffusers: {only_theirs}"}
+            return {
+                "ok": False,
+                "same_modules": False,
+                "why": f"quantized only by qcore: {only_ours}; only by diffusers: {only_theirs}",
+            }
         same, why = same_state(ours, theirs)
         fig = figures(run(ours), run(theirs))
-        return {"ok": same and fig["max_abs_diff"] == 0.0, **fig, "same_state": same, "why": why,
-                "layers": len(quantized_modules(ours))}
+        return {
+            "ok": same and fig["max_abs_diff"] == 0.0,
+            **fig,
+            "same_state": same,
+            "why": why,
+            "layers": len(quantized_modules(ours)),
+        }
 
     for mode in modes:
-        check(f"diffusers->qcore/{mode}", lambda: diffusers_to_qcore(mode))
-        check(f"qcore->diffusers/{mode}", lambda: qcore_to_diffusers(mode, "10GB"))
+        check(f"diffusers->qcore/{mode}", lambda mode=mode: diffusers_to_qcore(mode))
+        check(f"qcore->diffusers/{mode}", lambda mode=mode: qcore_to_diffusers(mode, "10GB"))
         # Small shards put some statistics in another file than their weight; diffusers 0.42.1 loads
         # that for 8-bit but not for 4-bit (a known diffusers bug, named in "why"): reported, not gating.
-        check(f"qcore->diffusers/{mode}/sharded", lambda: qcore_to_diffusers(mode, "20KB"), gating=False)
-        check(f"same-quantization/{mode}", lambda: same_quantization(mode))
+        check(
+            f"qcore->diffusers/{mode}/sharded",
+            lambda mode=mode: qcore_to_diffusers(mode, "20KB"),
+            gating=False,
+        )
+        check(f"same-quantization/{mode}", lambda mode=mode: same_quantization(mode))
 
     print(json.dumps({"summary": {"failed": FAILED}}), flush=True)
     return 1 if FAILED else 0

@@ -34,7 +34,9 @@ _OPTIONS = (
 
 def _bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise qcore.ConfigError(f"BitsAndBytesConfig: {name} must be True or False, not {value!r}", option=name)
+        raise qcore.ConfigError(
+            f"BitsAndBytesConfig: {name} must be True or False, not {value!r}", option=name
+        )
     return value
 
 
@@ -53,7 +55,7 @@ def _dtype(name: str, value: Any, default: torch.dtype, choices: Iterable[str]) 
 
 
 class BitsAndBytesConfig(qcore.QuantizationConfig):
-    """Options of a bitsandbytes load: 4-bit (``load_in_4bit``, NF4/FP4) or 8-bit (``load_in_8bit``, LLM.int8).
+    """Options of a bitsandbytes load: 4-bit (``load_in_4bit``, NF4/FP4) or 8-bit (``load_in_8bit``, int8).
 
     Fields, defaults and meaning are those of ``diffusers.BitsAndBytesConfig`` and
     ``transformers.BitsAndBytesConfig``; :meth:`to_dict` writes their config.json form, so checkpoints move
@@ -100,7 +102,8 @@ class BitsAndBytesConfig(qcore.QuantizationConfig):
         self._load_in_4bit = load_in_4bit
         if isinstance(llm_int8_threshold, bool) or not isinstance(llm_int8_threshold, (int, float)):
             raise qcore.ConfigError(
-                f"BitsAndBytesConfig: llm_int8_threshold must be a number (default 6.0), not {llm_int8_threshold!r}",
+                "BitsAndBytesConfig: llm_int8_threshold must be a number (default 6.0), "
+                f"not {llm_int8_threshold!r}",
                 option="llm_int8_threshold",
             )
         self.llm_int8_threshold = float(llm_int8_threshold)
@@ -128,8 +131,10 @@ class BitsAndBytesConfig(qcore.QuantizationConfig):
     def _skip_modules(value: Any) -> list[str] | None:
         if value is None:
             return None
-        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(
-            isinstance(v, str) for v in value
+        if (
+            isinstance(value, str)
+            or not isinstance(value, (list, tuple))
+            or not all(isinstance(v, str) for v in value)
         ):
             raise qcore.ConfigError(
                 f"BitsAndBytesConfig: llm_int8_skip_modules must be a list of module names such as "
@@ -177,7 +182,7 @@ class BitsAndBytesConfig(qcore.QuantizationConfig):
 
     @classmethod
     def from_dict(cls, config_dict: Mapping[str, Any]) -> BitsAndBytesConfig:
-        """Read the config.json form (with or without ``quant_method``, ``_load_in_4bit`` or ``load_in_4bit``).
+        """Read the config.json form (with or without ``quant_method``, ``_load_in_4bit``, ``load_in_4bit``).
 
         Keys this version does not know are ignored with a warning, as diffusers does, so that a checkpoint
         written by a newer writer still loads; the keys that decide the on-disk layout are all known.

@@ -190,7 +190,9 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
             module.support_avx512bf16_for_cpu = False
             return module
 
-        replaced = qcore.replace_linear_layers(model, make, modules_to_not_convert=self.modules_to_not_convert)
+        replaced = qcore.replace_linear_layers(
+            model, make, modules_to_not_convert=self.modules_to_not_convert
+        )
         if not replaced:
             logger.warning(
                 "%s has no nn.Linear outside modules_to_not_convert %s: nothing is quantized by bitsandbytes",
@@ -376,16 +378,22 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
         state_keys = [k for k in QUANT_STATE_KEYS if k in stats]
         if len(state_keys) != 1:
             raise qcore.MissingKeysError(
-                [prefix + k for k in QUANT_STATE_KEYS] if not state_keys else [prefix + k for k in state_keys],
+                [prefix + k for k in QUANT_STATE_KEYS]
+                if not state_keys
+                else [prefix + k for k in state_keys],
                 "the checkpoint (exactly one quant_state.bitsandbytes__nf4|fp4 per 4-bit weight)",
             )
         state_key = prefix + state_keys[0]
         info = self._quant_state_info(state_key, stats[state_keys[0]])
         quant_type = state_keys[0].rpartition("__")[2]
         if info.get("quant_type") != quant_type:
-            raise _corrupt(state_key, f"says quant_type {info.get('quant_type')!r}, its key says {quant_type!r}")
+            raise _corrupt(
+                state_key, f"says quant_type {info.get('quant_type')!r}, its key says {quant_type!r}"
+            )
         if list(info.get("shape") or []) != list(shape):
-            raise _corrupt(state_key, f"is for a weight of shape {info.get('shape')}, the model's is {list(shape)}")
+            raise _corrupt(
+                state_key, f"is for a weight of shape {info.get('shape')}, the model's is {list(shape)}"
+            )
         blocksize = info.get("blocksize")
         if not isinstance(blocksize, int) or blocksize <= 0:
             raise _corrupt(state_key, f"has blocksize {blocksize!r}")
@@ -409,9 +417,14 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
                     raise _corrupt(state_key, f"lacks {field!r}, which double-quantized statistics need")
             self._check_stat(prefix + "absmax", stats["absmax"], blocks, (torch.uint8,))
             nested_blocks = math.ceil(blocks / int(info["nested_blocksize"]))
-            self._check_stat(prefix + "nested_absmax", stats["nested_absmax"], nested_blocks, (torch.float32,))
             self._check_stat(
-                prefix + "nested_quant_map", stats["nested_quant_map"], NESTED_QUANT_MAP_SIZE, (torch.float32,)
+                prefix + "nested_absmax", stats["nested_absmax"], nested_blocks, (torch.float32,)
+            )
+            self._check_stat(
+                prefix + "nested_quant_map",
+                stats["nested_quant_map"],
+                NESTED_QUANT_MAP_SIZE,
+                (torch.float32,),
             )
         else:
             self._check_stat(prefix + "absmax", stats["absmax"], blocks, (torch.float32,))
@@ -549,7 +562,11 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
             else:
                 continue
             linear = nn.Linear(
-                module.in_features, module.out_features, bias=module.bias is not None, device="meta", dtype=dtype
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                device="meta",
+                dtype=dtype,
             )
             linear.weight = nn.Parameter(dense.to(dtype).reshape(module.out_features, module.in_features))
             if module.bias is not None:
