@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -192,6 +193,31 @@ def _from_index(fetcher: _Fetcher, config_path: Path, index_path: Path) -> Check
         shards[shard_name] = shard
     weight_map = {key: shards[name] for key, name in weight_map_raw.items()}
     return CheckpointFiles(fetcher.location, config_path, list(shards.values()), index_path, weight_map)
+
+
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict[str, dict[str, Any]], dict[str, str]]:
+    """(offset of the data section, tensor entries, metadata) of a safetensors file; reads no tensor data."""
+    try:
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) != 8:
+                raise ValueError("file is shorter than the 8-byte header length")
+            (length,) = struct.unpack("<Q", raw_len)
+            if length > _MAX_HEADER_BYTES:
+                raise ValueError(f"header length {length} is implausible")
+            raw = f.read(length)
+            if len(raw) != length:
+                raise ValueError("file ends inside the header")
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(f"{path}: not a valid safetensors file ({exc})") from exc
+    metadata = header.pop("__metadata__", None) or {}
+    return 8 + length, header, {str(k): str(v) for k, v in metadata.items()}
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -7,14 +7,12 @@ downloads a few kilobytes.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._checkpoint import CONFIG_NAME, _candidates, locate_checkpoint, read_json
+from ._checkpoint import CONFIG_NAME, _candidates, locate_checkpoint, read_json, read_safetensors_header
 from ._errors import BackendError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from ._registry import _legacy_quant_method, install_hint, resolve_config
 
@@ -39,7 +37,6 @@ _DTYPE_NAMES = {
     "BOOL": "bool",
 }
 # A safetensors header larger than this is a corrupt length field, not a real header.
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 @dataclass
@@ -98,31 +95,18 @@ class Survey:
 
 def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """The tensors (dtype, element count, bytes) and metadata of a safetensors file's header."""
+    _, header, metadata = read_safetensors_header(path)
+    tensors = {}
     try:
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) != 8:
-                raise ValueError("file is shorter than the 8-byte header length")
-            (length,) = struct.unpack("<Q", raw_len)
-            if length > _MAX_HEADER_BYTES:
-                raise ValueError(f"header length {length} is implausible")
-            raw = f.read(length)
-            if len(raw) != length:
-                raise ValueError("file ends inside the header")
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
-        tensors = {}
         for key, info in header.items():
             elements = 1
             for dim in info["shape"]:
                 elements *= int(dim)
             start, end = info["data_offsets"]
             tensors[key] = TensorEntry(_DTYPE_NAMES.get(info["dtype"], info["dtype"]), elements, end - start)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise CorruptCheckpointError(f"{path}: not a valid safetensors file ({exc})") from exc
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    return tensors, metadata
 
 
 def _bin_tensors(path: Path) -> dict[str, TensorEntry]:

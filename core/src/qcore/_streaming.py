@@ -11,9 +11,7 @@ CPU targets and ``.bin`` files take the plain path: safetensors' own reader (mma
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ._checkpoint import _SAFETENSORS_DTYPES, CheckpointReader
+from ._checkpoint import _SAFETENSORS_DTYPES, CheckpointReader, read_safetensors_header
 from ._errors import CorruptCheckpointError
 
 
@@ -40,28 +38,13 @@ class _TensorSpan:
     shape: tuple[int, ...]
 
 
-def read_header(path: Path) -> tuple[int, dict[str, dict]]:
-    """(offset of the data section, header entries) of a safetensors file."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise CorruptCheckpointError(f"{path}: too short for a safetensors header")
-        (length,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CorruptCheckpointError(f"{path}: unreadable safetensors header ({exc})") from exc
-    header.pop("__metadata__", None)
-    return 8 + length, header
-
-
 def _spans(reader: CheckpointReader, keys: Sequence[str]) -> dict[str, _TensorSpan]:
     headers: dict[Path, tuple[int, dict[str, dict]]] = {}
     spans = {}
     for key in keys:
         path = reader.key_file[key]
         if path not in headers:
-            headers[path] = read_header(path)
+            headers[path] = read_safetensors_header(path)[:2]
         base, entries = headers[path]
         entry = entries[key]
         begin, end = entry["data_offsets"]
