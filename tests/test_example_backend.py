@@ -8,9 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
-import qcore
 from helpers import envs
 
 # --- installed from its own wheel into a fresh environment -------------------------------------------

@@ -5,7 +5,6 @@ Registered in-process with qcore.register_backend; it uses only qcore's public A
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import nn
