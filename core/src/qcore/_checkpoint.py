@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,8 +304,6 @@ class CheckpointReader:
         path = self.key_file.get(key)
         return path.name if path else "?"
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys)
 
 
 _SAFETENSORS_DTYPES = {
