@@ -33,23 +33,11 @@ from typing import Any
 
 import torch
 
+# The tiny Flux config is the test suite's own (tests/helpers/models.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers.models import tiny_flux_config  # noqa: E402
+
 FAILED: list[str] = []
-
-
-def tiny_flux_config() -> dict[str, Any]:
-    return dict(
-        patch_size=1,
-        in_channels=16,
-        out_channels=None,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        guidance_embeds=False,
-        axes_dims_rope=(4, 6, 6),
-    )
 
 
 def flux_inputs(device: str) -> dict[str, Any]:
