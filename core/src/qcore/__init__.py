@@ -33,7 +33,8 @@ from ._errors import (
 )
 from ._hookspecs import hookimpl, hookspec
 from ._loading import from_pretrained
-from ._model import ModelMixin, dequantize
+from ._model import dequantize
+from ._modelmixin import ModelMixin
 from ._quantizer import Quantizer, module_matches, replace_linear_layers
 from ._registry import (
     ENTRY_POINT_GROUP,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._model import ModelMixin
+from .._modelmixin import ModelMixin
 
 
 class ConformanceBlock(nn.Module):
