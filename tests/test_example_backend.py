@@ -85,7 +85,7 @@ def test_conformance_suite_passes_in_fresh_environment(example_env: envs.FreshEn
         f"""
         import sys, pytest
         sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-m", "not gpu", "--basetemp", {str(tmp_path / "bt")!r},
-                              "tests/test_conformance_int8.py"]))
+                              "examples/qcore-int8/tests/test_int8_conformance.py"]))
         """,
         cwd=envs.REPO,
     )

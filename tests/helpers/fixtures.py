@@ -1,3 +1,5 @@
+"""Fixtures shared by the core and backend test trees (registered by the repository's conftest.py)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
