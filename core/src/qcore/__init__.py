@@ -31,6 +31,14 @@ from ._errors import (
     ShapeMismatchError,
     UnexpectedKeysError,
 )
+from ._helpers import (
+    AUTO_DEVICE_MAPS,
+    device_types,
+    get_module_for_param,
+    reroute_log_messages,
+    split_param_name,
+    version_at_least,
+)
 from ._hookspecs import hookimpl, hookspec
 from ._loading import from_pretrained
 from ._model import dequantize
@@ -75,6 +83,13 @@ __all__ = [
     "module_matches",
     "replace_linear_layers",
     "ENTRY_POINT_GROUP",
+    # helpers for backends
+    "split_param_name",
+    "get_module_for_param",
+    "device_types",
+    "AUTO_DEVICE_MAPS",
+    "version_at_least",
+    "reroute_log_messages",
     # errors
     "QcoreError",
     "BackendError",
