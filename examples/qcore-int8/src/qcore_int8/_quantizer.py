@@ -21,7 +21,8 @@ import qcore
 from ._config import Int8Config
 from ._linear import Int8Linear, quantize_per_channel
 
-logger = logging.getLogger("qcore_int8")
+# Third-party backends log under "qcore.<quant_method>", so `qcore -v` shows their messages too.
+logger = logging.getLogger("qcore.int8")
 
 FORMAT_KEY = "qcore_int8.format"
 FORMAT = "int8-per-channel-symmetric/1"
@@ -34,9 +35,9 @@ class Int8Quantizer(qcore.Quantizer):
     quantization_config: Int8Config
 
     def _int8_module(self, model: nn.Module, param_name: str) -> tuple[str, str, Int8Linear | None]:
-        module_name, _, tensor_name = param_name.rpartition(".")
+        module_name, tensor_name = qcore.split_param_name(param_name)
         try:
-            module = model.get_submodule(module_name)
+            module, _ = qcore.get_module_for_param(model, param_name)
         except AttributeError:
             return module_name, tensor_name, None
         return module_name, tensor_name, module if isinstance(module, Int8Linear) else None
@@ -209,8 +210,8 @@ class Int8Quantizer(qcore.Quantizer):
                 linear.weight.copy_(module.dequantized_weight(dtype))
                 if module.bias is not None:
                     linear.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, linear)
+            parent, child = qcore.get_module_for_param(model, name)
+            setattr(parent, child, linear)
         return model
 
     def __repr__(self) -> str:

@@ -17,12 +17,20 @@ saved and read in the layout diffusers and transformers use.
 
 from __future__ import annotations
 
+import logging
 from importlib.metadata import PackageNotFoundError, version
 
 import qcore
 
 from ._config import BitsAndBytesConfig
 from ._quantizer import BitsAndBytesQuantizer
+
+# bitsandbytes warns on import, on CPUs with AVX512-BF16, that the optional `kernels` package is
+# missing; qcore's loads do not use that kernel, so the line is shown only with `qcore -v`. Set up
+# here, before bitsandbytes is first imported (lazily, by the quantizer).
+qcore.reroute_log_messages(
+    "bitsandbytes.backends.cpu.ops", [r"from kernels-community"], logging.getLogger("qcore.bnb"), logging.INFO
+)
 
 try:
     __version__ = version("qcore-bnb")

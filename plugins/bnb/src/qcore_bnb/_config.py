@@ -10,7 +10,7 @@ import torch
 
 import qcore
 
-logger = logging.getLogger("qcore_bnb")
+logger = logging.getLogger("qcore.bnb")
 
 QUANT_TYPES = ("fp4", "nf4")
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")

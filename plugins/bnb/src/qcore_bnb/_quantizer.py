@@ -23,9 +23,9 @@ import qcore
 
 from ._config import BitsAndBytesConfig
 
-logger = logging.getLogger("qcore_bnb")
+logger = logging.getLogger("qcore.bnb")
 
-MIN_BITSANDBYTES = (0, 45)
+MIN_BITSANDBYTES = "0.45"
 QUANT_STATE_KEYS = ("quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4")
 STATS_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", *QUANT_STATE_KEYS)
 STATS_8BIT = ("SCB", "weight_format")
@@ -55,11 +55,6 @@ def stat_owner(key: str) -> str | None:
 def packed_4bit_shape(numel: int, storage: torch.dtype) -> tuple[int, int]:
     """The shape bitsandbytes gives a 4-bit weight of ``numel`` values packed into ``storage``."""
     return ((numel + 1) // (storage.itemsize * 2), 1)
-
-
-def _split(model: nn.Module, param_name: str) -> tuple[nn.Module, str]:
-    module_name, _, tensor_name = param_name.rpartition(".")
-    return (model.get_submodule(module_name) if module_name else model), tensor_name
 
 
 def _corrupt(key: str, problem: str) -> qcore.CorruptCheckpointError:
@@ -110,14 +105,13 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
                 f"the bitsandbytes backend could not import bitsandbytes ({exc}): "
                 "pip install 'bitsandbytes>=0.45'"
             ) from exc
-        found = tuple(int(p) for p in bnb.__version__.split(".")[:2] if p.isdigit())
-        if found < MIN_BITSANDBYTES:
+        if not qcore.version_at_least(bnb.__version__, MIN_BITSANDBYTES):
             raise qcore.QuantizerEnvironmentError(
                 f"bitsandbytes {bnb.__version__} is too old for qcore-bnb: "
                 "pip install -U 'bitsandbytes>=0.45'"
             )
         if isinstance(device_map, Mapping):
-            devices = {str(v) for v in device_map.values()}
+            devices = qcore.device_types(device_map)
             if "disk" in devices:
                 raise qcore.ConfigError(
                     "device_map puts modules on 'disk'; bitsandbytes weights cannot be offloaded to disk. "
@@ -267,7 +261,7 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
         self, model: nn.Module, param_name: str, state_dict: Mapping[str, torch.Tensor]
     ) -> bool:
         bnb = _bnb()
-        module, tensor_name = _split(model, param_name)
+        module, tensor_name = qcore.get_module_for_param(model, param_name)
         if tensor_name == "weight" and isinstance(
             module._parameters.get(tensor_name), (bnb.nn.Params4bit, bnb.nn.Int8Params)
         ):
@@ -312,7 +306,7 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
         state_dict: Mapping[str, torch.Tensor],
     ) -> None:
         bnb = _bnb()
-        module, tensor_name = _split(model, param_name)
+        module, tensor_name = qcore.get_module_for_param(model, param_name)
         if param_value is None:
             raise qcore.MissingKeysError([param_name], "the checkpoint")
         old = module._parameters[tensor_name]
@@ -571,8 +565,8 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
             linear.weight = nn.Parameter(dense.to(dtype).reshape(module.out_features, module.in_features))
             if module.bias is not None:
                 linear.bias = nn.Parameter(module.bias.data.to(dtype))
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, linear)
+            parent, child = qcore.get_module_for_param(model, name)
+            setattr(parent, child, linear)
         model.is_loaded_in_4bit = False
         model.is_loaded_in_8bit = False
         return model

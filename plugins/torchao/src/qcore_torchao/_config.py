@@ -66,8 +66,7 @@ class TorchAoConfig(qcore.QuantizationConfig):
                 option="quant_type",
             )
         if isinstance(modules_to_not_convert, str) or (
-            modules_to_not_convert is not None
-            and not all(isinstance(m, str) for m in modules_to_not_convert)
+            modules_to_not_convert is not None and not all(isinstance(m, str) for m in modules_to_not_convert)
         ):
             raise qcore.ConfigError(
                 f"modules_to_not_convert must be a list of module names, not {modules_to_not_convert!r}",

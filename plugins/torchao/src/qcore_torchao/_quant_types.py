@@ -248,13 +248,30 @@ def _require_mslk(quant_type: str, what: str) -> None:
         )
 
 
-def _leaf_configs(config: Any) -> list[Any]:
-    nested = getattr(config, "fqn_to_config", None)
-    if isinstance(nested, dict):
-        module_level = getattr(config, "module_fqn_to_config", None) or {}
-        leaves = [c for c in [*nested.values(), *module_level.values()] if c is not None]
-        return [leaf for c in leaves for leaf in _leaf_configs(c)]
-    return [config]
+def leaf_configs(config: Any) -> list[Any]:
+    """The configs that quantize modules: ``config`` itself, or the values of an ``FqnToConfig``.
+
+    An ``FqnToConfig`` maps module names to a config or ``None`` (left unquantized); its
+    ``module_fqn_to_config`` is the older name of the same table. An ``FqnToConfig`` inside another
+    is refused: ``quantize_`` would see a lone Linear (fqn ``""``) and apply none of its entries.
+    """
+    table = getattr(config, "fqn_to_config", None)
+    if not isinstance(table, dict):
+        return [config]
+    module_level = getattr(config, "module_fqn_to_config", None)
+    entries = {**(module_level if isinstance(module_level, dict) else {}), **table}
+    leaves = []
+    for name, leaf in entries.items():
+        if leaf is None:
+            continue
+        if isinstance(getattr(leaf, "fqn_to_config", None), dict):
+            raise qcore.ConfigError(
+                f"quant_type: nested FqnToConfig entries are not supported ({name!r} maps to another "
+                "FqnToConfig); map each name to a torchao config or to None",
+                option="quant_type",
+            )
+        leaves.append(leaf)
+    return leaves
 
 
 def _enum_value(value: Any) -> Any:
@@ -263,7 +280,7 @@ def _enum_value(value: Any) -> Any:
 
 def hardware_problem(config: Any, device_types: set[str]) -> str | None:
     """Why ``config`` cannot run on the given device types, or ``None`` when nothing is known against it."""
-    for leaf in _leaf_configs(config):
+    for leaf in leaf_configs(config):
         problem = _leaf_problem(leaf, device_types)
         if problem:
             return problem

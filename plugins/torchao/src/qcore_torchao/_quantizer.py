@@ -23,7 +23,7 @@ from torch import nn
 
 import qcore
 
-from ._quant_types import hardware_problem
+from ._quant_types import hardware_problem, leaf_configs
 from ._serialization import (
     PLAIN_TENSOR_TYPE,
     TENSOR_NAMES_KEY,
@@ -37,33 +37,9 @@ from ._serialization import (
 
 logger = logging.getLogger("qcore.torchao")
 
-MIN_TORCHAO = (0, 14)
-MIN_TORCHAO_SAFETENSORS = (0, 16)
+MIN_TORCHAO = "0.14"
+MIN_TORCHAO_SAFETENSORS = "0.16"
 _INT4_NAME = re.compile(r"(?<![0-9])4weight", re.IGNORECASE)
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split("+")[0].split(".")[:3]:
-        digits = re.match(r"\d+", piece)
-        parts.append(int(digits.group()) if digits else 0)
-    return tuple(parts)
-
-
-def _device_types(device_map: Any) -> set[str]:
-    """The device types a device_map (in any accepted form) puts weights on."""
-    if device_map is None:
-        return {"cpu"}
-    if isinstance(device_map, Mapping):
-        return {t for value in device_map.values() for t in _device_types(value)}
-    if isinstance(device_map, str) and device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
-        return {"cuda"} if torch.cuda.is_available() else {"cpu"}
-    if isinstance(device_map, int) and not isinstance(device_map, bool):
-        return {"cuda"}
-    try:
-        return {torch.device(device_map).type}
-    except (RuntimeError, TypeError):
-        return set()  # the loader reports a device_map it cannot read
 
 
 def _resolve_fqn_config(config: Any, module_name: str, param_name: str) -> Any:
@@ -103,15 +79,13 @@ class TorchAoQuantizer(qcore.Quantizer):
     def validate_environment(self, device_map: Any) -> None:
         import torchao
 
-        installed = _version_tuple(torchao.__version__)
         needed = MIN_TORCHAO_SAFETENSORS if self.pre_quantized else MIN_TORCHAO
-        if installed < needed:
+        if not qcore.version_at_least(torchao.__version__, needed):
             what = "loading torchao safetensors checkpoints" if self.pre_quantized else "qcore-torchao"
             raise qcore.QuantizerEnvironmentError(
-                f"{what} needs torchao >= {'.'.join(map(str, needed))}, found {torchao.__version__}: "
-                "pip install -U torchao"
+                f"{what} needs torchao >= {needed}, found {torchao.__version__}: pip install -U torchao"
             )
-        problem = hardware_problem(self.quantization_config.quant_type, _device_types(device_map))
+        problem = hardware_problem(self.quantization_config.quant_type, qcore.device_types(device_map))
         if problem:
             raise qcore.ConfigError(f"quant_type: {problem}", option="quant_type")
 
@@ -147,7 +121,7 @@ class TorchAoQuantizer(qcore.Quantizer):
     def adjust_target_dtype(self, torch_dtype: torch.dtype) -> Any:
         from accelerate.utils import CustomDtype
 
-        names = [type(c).__name__ for c in self._leaf_configs()]
+        names = [type(c).__name__ for c in leaf_configs(self.quantization_config.quant_type)]
         if names and all(_INT4_NAME.search(n) for n in names):
             return CustomDtype.INT4
         return torch.int8
@@ -156,13 +130,6 @@ class TorchAoQuantizer(qcore.Quantizer):
     def adjust_max_memory(self, max_memory: dict[Any, int]) -> dict[Any, int]:
         # Room for the one unquantized weight being quantized, and torchao's temporaries.
         return {key: int(value * 0.9) for key, value in max_memory.items()}
-
-    def _leaf_configs(self) -> list[Any]:
-        config = self.quantization_config.quant_type
-        table = getattr(config, "fqn_to_config", None)
-        if isinstance(table, dict):
-            return [c for c in table.values() if c is not None]
-        return [config]
 
     # --- stage 5 --------------------------------------------------------------------------------
 
@@ -212,7 +179,7 @@ class TorchAoQuantizer(qcore.Quantizer):
     def check_if_quantized_param(self, param_name: str) -> bool:
         if self.pre_quantized:
             return param_name in self._entries
-        module_name, _, tensor_name = param_name.rpartition(".")
+        module_name, tensor_name = qcore.split_param_name(param_name)
         return tensor_name == "weight" and module_name in self._targets
 
     @qcore.hookimpl
@@ -224,8 +191,8 @@ class TorchAoQuantizer(qcore.Quantizer):
         target_device: torch.device,
         state_dict: Mapping[str, torch.Tensor],
     ) -> None:
-        module_name, _, tensor_name = param_name.rpartition(".")
-        module = model.get_submodule(module_name)
+        module_name = qcore.split_param_name(param_name)[0]
+        module, tensor_name = qcore.get_module_for_param(model, param_name)
         expected = tuple(getattr(module, tensor_name).shape)
         if self.pre_quantized:
             entry = copy.deepcopy(self._entries[param_name])
@@ -252,12 +219,6 @@ class TorchAoQuantizer(qcore.Quantizer):
         config = _resolve_fqn_config(self.quantization_config.quant_type, module_name, param_name)
         if config is None:
             return  # an FqnToConfig that leaves this module unquantized
-        if getattr(config, "fqn_to_config", None) is not None:
-            raise qcore.ConfigError(
-                f"nested FqnToConfig entries are not supported (resolved for {param_name!r}); map each "
-                "name to a torchao config or to None",
-                option="quant_type",
-            )
         from torchao.quantization import quantize_
 
         try:
@@ -300,7 +261,7 @@ class TorchAoQuantizer(qcore.Quantizer):
     def is_serializable(self) -> bool:
         import torchao
 
-        if _version_tuple(torchao.__version__) < MIN_TORCHAO_SAFETENSORS:
+        if not qcore.version_at_least(torchao.__version__, MIN_TORCHAO_SAFETENSORS):
             logger.error("saving torchao models as safetensors needs torchao >= 0.16")
             return False
         return True

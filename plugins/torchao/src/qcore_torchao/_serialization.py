@@ -245,7 +245,7 @@ def parse_tensor_entry(raw: Any, name: str, where: str) -> dict[str, Any]:
 
 def flattened_key(tensor_name: str, data_name: str) -> str:
     """torchao's safetensors key for one inner tensor: ``blocks.0.attn._weight_qdata``."""
-    module, _, attr = tensor_name.rpartition(".")
+    module, attr = qcore.split_param_name(tensor_name)
     return f"{module}._{attr}_{data_name}" if module else f"_{attr}_{data_name}"
 
 
