@@ -114,3 +114,46 @@ def reroute_log_messages(
         if isinstance(existing, _Reroute) and existing.target is target:
             return
     logger.addFilter(_Reroute(patterns, target, level))
+
+
+class BatchedChecks:
+    """Validity checks of loaded tensors, evaluated together: one synchronisation per device.
+
+    A backend computes each check as a 0-d boolean tensor on the tensor's own device (for example
+    ``torch.isfinite(absmax).all()``) and :meth:`require`\\ s it with the checkpoint key it is about.
+    Reading each result at once would wait for the GPU every time; :meth:`verify` reads them all at
+    once, typically in ``postprocess_model``, and raises :class:`qcore.CorruptCheckpointError` naming
+    every key that failed. Checks of CPU tensors cost nothing to read, so a backend may verify those
+    as it goes.
+    """
+
+    def __init__(self) -> None:
+        self._flags: dict[Any, list[Any]] = {}
+        self._labels: dict[Any, list[tuple[str, str]]] = {}
+
+    def require(self, ok: Any, key: str, problem: str) -> None:
+        """Record ``ok`` (a 0-d boolean tensor); when it is False, ``key`` ``problem`` is reported."""
+        self._flags.setdefault(ok.device, []).append(ok.reshape(()))
+        self._labels.setdefault(ok.device, []).append((key, problem))
+
+    def __len__(self) -> int:
+        return sum(len(flags) for flags in self._flags.values())
+
+    def verify(self, advice: str = "") -> None:
+        """Raise :class:`qcore.CorruptCheckpointError` if any recorded check failed; then forget them."""
+        import torch
+
+        from ._errors import CorruptCheckpointError
+
+        flags, labels = self._flags, self._labels
+        self._flags, self._labels = {}, {}
+        failed: list[tuple[str, str]] = []
+        for device, device_flags in flags.items():
+            passed = torch.stack(device_flags)
+            if bool(passed.all()):
+                continue
+            failed += [labels[device][i] for i in (~passed).nonzero().flatten().tolist()]
+        if failed:
+            shown = "; ".join(f"{key!r} {problem}" for key, problem in failed[:5])
+            more = f" (and {len(failed) - 5} more)" if len(failed) > 5 else ""
+            raise CorruptCheckpointError(f"{shown}{more}. {advice}".strip())
