@@ -33,6 +33,7 @@ from ._errors import (
 )
 from ._helpers import (
     AUTO_DEVICE_MAPS,
+    BatchedChecks,
     device_types,
     get_module_for_param,
     reroute_log_messages,
@@ -90,6 +91,7 @@ __all__ = [
     "AUTO_DEVICE_MAPS",
     "version_at_least",
     "reroute_log_messages",
+    "BatchedChecks",
     # errors
     "QcoreError",
     "BackendError",
