@@ -28,6 +28,7 @@ download() {
     "${platforms[@]}" -d .whl "$@"
 }
 download bitsandbytes==0.50.2 torchao==0.18.0 diffusers==0.42.1
+download pytest==9.2.0 iniconfig pygments  # the gpu-marked tests
 download instanttensor==0.2.2 || echo "instanttensor not downloadable: the instanttensor rows will be skipped" >&2
 
 if [ "${QCORE_BENCH_FULL_BNB:-0}" != 1 ]; then

@@ -7,7 +7,8 @@
 # Expects the wheels from bench/fetch_wheels.sh in .whl/ (repo root). Writes into "$OUT" (default
 # bench/out): results.jsonl (one JSON line per run), summary.md (the tables), profile.txt
 # (cProfile of qcore's loads), benchmarks.png and log.txt. Checkpoints go to $BENCH_WORK (default
-# bench/.data; 31 GB for the full size), which is reused when it already holds them.
+# bench/.data; 31 GB for the full size), which is reused when it already holds them. The gpu-marked
+# tests run too (gpu-tests.xml; BENCH_GPU_TESTS=0 leaves them out).
 # For a smoke test of this script without a GPU: BENCH_DEVICE=cpu BENCH_WHEELS=none BENCH_MODEL_ARGS=
 # "--layers 1 1 --heads 4 --head-dim 32 --joint-dim 64 --pooled-dim 32" bash bench/gpu_suite.sh --small
 set -uo pipefail
@@ -80,6 +81,15 @@ if [ "$DEVICE" = cuda ] && [ "$(id -u)" = 0 ] && [ "$SECONDS" -lt 400 ]; then
     --loaders qcore,diffusers,preadv,instanttensor,instanttensor-direct --out "$OUT/results.jsonl"
 else
   step "cold page cache rows skipped (no GPU, not root, or past the time budget at ${SECONDS} s)"
+fi
+
+if [ "${BENCH_GPU_TESTS:-1}" = 1 ] && "$PY" -c "import pytest" 2>/dev/null; then
+  # The gpu-marked tests (skipped without CUDA); load times and peak memory land in gpu-tests.xml.
+  step "gpu tests"
+  "$PY" -m pytest -m gpu -q -p no:cacheprovider tests plugins/bnb/tests plugins/torchao/tests \
+    examples/qcore-int8/tests --junitxml "$OUT/gpu-tests.xml" || echo "gpu tests failed" >&2
+else
+  step "gpu tests skipped (BENCH_GPU_TESTS=0 or pytest not importable)"
 fi
 
 step "summary and plot"

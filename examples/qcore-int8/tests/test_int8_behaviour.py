@@ -65,10 +65,14 @@ def test_quantize_per_channel_error_bound() -> None:
     assert bool(((restored - w).abs() <= scale[:, None] / 2 + 1e-6).all())
 
 
-def test_loading_attribute_compute_dtype_applies_to_prequantized(bf16_checkpoint: Path, tmp_path: Path) -> None:
+def test_loading_attribute_compute_dtype_applies_to_prequantized(
+    bf16_checkpoint: Path, tmp_path: Path
+) -> None:
     from qcore.testing import ConformanceModel
 
-    model = qcore.from_pretrained(ConformanceModel, bf16_checkpoint, quantization_config=qcore_int8.Int8Config())
+    model = qcore.from_pretrained(
+        ConformanceModel, bf16_checkpoint, quantization_config=qcore_int8.Int8Config()
+    )
     qcore.save_pretrained(model, tmp_path / "int8")
     user = qcore_int8.Int8Config(compute_dtype="float32", modules_to_not_convert=["proj_out"])
     reloaded = qcore.from_pretrained(ConformanceModel, tmp_path / "int8", quantization_config=user)
@@ -84,10 +88,14 @@ def test_unknown_format_tag_is_refused(bf16_checkpoint: Path, tmp_path: Path) ->
 
     from qcore.testing import ConformanceModel
 
-    model = qcore.from_pretrained(ConformanceModel, bf16_checkpoint, quantization_config=qcore_int8.Int8Config())
+    model = qcore.from_pretrained(
+        ConformanceModel, bf16_checkpoint, quantization_config=qcore_int8.Int8Config()
+    )
     qcore.save_pretrained(model, tmp_path / "int8")
     weights = tmp_path / "int8" / "diffusion_pytorch_model.safetensors"
-    save_file(load_file(weights), weights, metadata={"format": "pt", qcore_int8.FORMAT_KEY: "int8-blockwise/9"})
+    save_file(
+        load_file(weights), weights, metadata={"format": "pt", qcore_int8.FORMAT_KEY: "int8-blockwise/9"}
+    )
     with pytest.raises(qcore.CorruptCheckpointError, match=re.escape(qcore_int8.FORMAT_KEY)):
         qcore.from_pretrained(ConformanceModel, tmp_path / "int8")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from qcore.testing import BackendConformance
 
@@ -29,7 +28,6 @@ class TestInt8ConformanceFloat32Compute(BackendConformance):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 class TestInt8ConformanceCuda(BackendConformance):
     """The same checks with the quantized model placed on the GPU (device_map="cuda")."""
 

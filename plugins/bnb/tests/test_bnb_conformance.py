@@ -1,4 +1,5 @@
-"""qcore's conformance suite on qcore-bnb, as installed (entry point): 4-bit and 8-bit, on CPU.
+"""qcore's conformance suite on qcore-bnb, as installed (entry point): every 4-bit and 8-bit mode that runs
+on CPU (nf4 and fp4, each with and without double quantization; LLM.int8).
 
 Forward tolerances: the measured relative L2 errors on the kit's model (several quantized Linear layers in a
 chain) plus margin: nf4 0.131 (bound 0.15), fp4 with double quant 0.165 (bound 0.2), LLM.int8 0.014 (0.02).
@@ -6,24 +7,29 @@ chain) plus margin: nf4 0.131 (bound 0.15), fp4 with double quant 0.165 (bound 0
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from torch import nn
 
 from qcore.testing import BackendConformance
 
 qcore_bnb = pytest.importorskip("qcore_bnb", reason="qcore-bnb is not installed (pip install ./plugins/bnb)")
 
 
+def _logical_numel(p: torch.Tensor) -> int:
+    # bitsandbytes packs two 4-bit values per byte; the logical shape lives in the quant state.
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape is not None else p.numel()
+
+
 class _Bnb(BackendConformance):
     config_class = qcore_bnb.BitsAndBytesConfig
     skip_modules_option = "llm_int8_skip_modules"
 
-    def count_parameters(self, model: torch.nn.Module) -> int:
-        # A 4-bit weight packs two values per byte; its quant state knows the logical shape.
-        return sum(
-            p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
-            for p in model.parameters()
-        )
+    def count_parameters(self, model: nn.Module) -> int:
+        return sum(_logical_numel(p) for p in model.parameters())
 
 
 class TestBnbNF4(_Bnb):
@@ -34,6 +40,28 @@ class TestBnbNF4(_Bnb):
     }
     forward_tolerance = 0.15
     min_memory_ratio = 2.5
+
+
+class TestBnbNF4DoubleQuant(_Bnb):
+    config_kwargs = {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": torch.bfloat16,
+    }
+    forward_tolerance = 0.15
+    dequantize_tolerance = 0.02
+    min_memory_ratio = 3.0
+
+
+class TestBnbFP4(_Bnb):
+    config_kwargs = {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "fp4",
+        "bnb_4bit_compute_dtype": torch.bfloat16,
+    }
+    forward_tolerance = 0.2
+    min_memory_ratio = 3.0
 
 
 class TestBnbFP4DoubleQuant(_Bnb):
@@ -47,4 +75,4 @@ class TestBnbFP4DoubleQuant(_Bnb):
 class TestBnbInt8(_Bnb):
     config_kwargs = {"load_in_8bit": True}
     forward_tolerance = 0.02
-    min_memory_ratio = 1.5
+    min_memory_ratio = 1.8  # the stricter of the two bounds the suite used to check (1.5 and 1.8)

@@ -1,6 +1,6 @@
 """Quick probe of qcore's CUDA load path against safetensors' own loader (fresh process per loader).
 
-    python tests/gpu/io_probe.py --gb 6        # prints one JSON line per loader
+    python bench/io_probe.py --gb 6        # prints one JSON line per loader
 """
 
 from __future__ import annotations

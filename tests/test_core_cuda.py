@@ -1,6 +1,6 @@
 """The core loader on CUDA: the streaming pipeline must deliver exactly the bytes on disk.
 
-Runs only where CUDA is available (the GPU machine); CI on CPU skips it.
+gpu-marked: skipped where CUDA is unavailable. On the GPU machine: ``pytest -m gpu tests``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import qcore
 from helpers.int8_backend import Int8Linear, Int8TestConfig
 from helpers.models import TinyTransformer, make_tiny
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = pytest.mark.gpu
 
 
 class Odd(qcore.ModelMixin):
@@ -30,7 +30,9 @@ class Odd(qcore.ModelMixin):
 
 
 @pytest.mark.parametrize("piece,slots,threads", [(4096, 3, 2), (1000, 2, 1), (8 << 20, 24, 16)])
-def test_streamed_tensors_equal_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piece: int, slots: int, threads: int) -> None:
+def test_streamed_tensors_equal_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piece: int, slots: int, threads: int
+) -> None:
     monkeypatch.setenv("QCORE_IO_PIECE_BYTES", str(piece))
     monkeypatch.setenv("QCORE_IO_SLOTS", str(slots))
     monkeypatch.setenv("QCORE_IO_THREADS", str(threads))
@@ -46,35 +48,41 @@ def test_streamed_tensors_equal_the_file(tmp_path: Path, monkeypatch: pytest.Mon
         assert got.dtype == tensor.dtype and torch.equal(got.cpu(), tensor), name
 
 
+@pytest.mark.usefixtures("int8_backend")
 def test_quantize_on_load_on_cuda_equals_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QCORE_IO_PIECE_BYTES", "3000")
     monkeypatch.setenv("QCORE_IO_SLOTS", "4")
-    qcore.register_backend(__import__("helpers.int8_backend", fromlist=["BACKEND"]).BACKEND)
-    try:
-        qcore.save_pretrained(make_tiny(), tmp_path / "bf16", max_shard_size="10KB")
-        on_cpu = TinyTransformer.from_pretrained(tmp_path / "bf16", quantization_config=Int8TestConfig())
-        on_gpu = TinyTransformer.from_pretrained(tmp_path / "bf16", quantization_config=Int8TestConfig(), device_map="cuda")
-        assert isinstance(on_gpu.blocks[0].attn, Int8Linear)
-        for name, tensor in on_cpu.state_dict().items():
-            got = on_gpu.state_dict()[name].cpu()
-            if name.endswith("weight_scale"):  # CUDA and CPU division round the last bit differently
-                assert torch.allclose(got, tensor, rtol=1e-6, atol=0), name
-            elif got.dtype == torch.int8:  # so a value on a .5 boundary may round the other way
-                assert (got.int() - tensor.int()).abs().max() <= 1, name
-            else:
-                assert torch.equal(got, tensor), name
-        x = torch.randn(4, 64, dtype=torch.bfloat16)
-        got, want = on_gpu(x.cuda()).cpu().float(), on_cpu(x).float()
-        assert ((got - want).norm() / want.norm()).item() < 1e-2  # bf16 matmuls differ between devices
-    finally:
-        qcore.unregister_backend("int8-test")
+    qcore.save_pretrained(make_tiny(), tmp_path / "bf16", max_shard_size="10KB")
+    on_cpu = TinyTransformer.from_pretrained(tmp_path / "bf16", quantization_config=Int8TestConfig())
+    on_gpu = TinyTransformer.from_pretrained(
+        tmp_path / "bf16", quantization_config=Int8TestConfig(), device_map="cuda"
+    )
+    assert isinstance(on_gpu.blocks[0].attn, Int8Linear)
+    for name, tensor in on_cpu.state_dict().items():
+        got = on_gpu.state_dict()[name].cpu()
+        if name.endswith("weight_scale"):  # CUDA and CPU division round the last bit differently
+            assert torch.allclose(got, tensor, rtol=1e-6, atol=0), name
+        elif got.dtype == torch.int8:  # so a value on a .5 boundary may round the other way
+            assert (got.int() - tensor.int()).abs().max() <= 1, name
+        else:
+            assert torch.equal(got, tensor), name
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    got, want = on_gpu(x.cuda()).cpu().float(), on_cpu(x).float()
+    assert ((got - want).norm() / want.norm()).item() < 1e-2  # bf16 matmuls differ between devices
 
 
 def test_device_map_dict_splits_cpu_and_cuda(tmp_path: Path) -> None:
     model = make_tiny()
     qcore.save_pretrained(model, tmp_path / "bf16")
     loaded = TinyTransformer.from_pretrained(
-        tmp_path / "bf16", device_map={"proj_in": "cuda", "blocks": "cuda", "vace_blocks": "cpu", "norm_out": "cpu", "proj_out": "cpu"}
+        tmp_path / "bf16",
+        device_map={
+            "proj_in": "cuda",
+            "blocks": "cuda",
+            "vace_blocks": "cpu",
+            "norm_out": "cpu",
+            "proj_out": "cpu",
+        },
     )
     assert loaded.blocks[0].attn.weight.device.type == "cuda"
     assert loaded.hf_device_map["proj_out"] == torch.device("cpu")  # offloaded: runs on the GPU via hooks
@@ -85,7 +93,9 @@ def test_device_map_dict_splits_cpu_and_cuda(tmp_path: Path) -> None:
 def test_auto_device_map_with_max_memory_offloads_to_cpu(tmp_path: Path) -> None:
     model = make_tiny(dim=256, depth=4)
     qcore.save_pretrained(model, tmp_path / "bf16")
-    loaded = TinyTransformer.from_pretrained(tmp_path / "bf16", device_map="sequential", max_memory={0: "800KB", "cpu": "1GB"})
+    loaded = TinyTransformer.from_pretrained(
+        tmp_path / "bf16", device_map="sequential", max_memory={0: "800KB", "cpu": "1GB"}
+    )
     placed = {str(d) for d in loaded.hf_device_map.values()}
     assert placed == {"cuda:0", "cpu"}
     x = torch.randn(2, 256, dtype=torch.bfloat16)
