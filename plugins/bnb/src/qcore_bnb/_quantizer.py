@@ -33,6 +33,18 @@ STATS_8BIT = ("SCB", "weight_format")
 QUANT_MAP_SIZE = 16
 NESTED_QUANT_MAP_SIZE = 256
 ROW_MAJOR_FORMAT = 0
+# The block sizes bitsandbytes' 4-bit and blockwise kernels take.
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+# The name of bitsandbytes' signed 8-bit dynamic map, the code table of double-quantized absmax.
+DYNAMIC_MAP = "dynamic"
+# Code tables are equal to bitsandbytes' own up to float32 rounding of the device that built them.
+TABLE_TOLERANCE = 1e-6
+# A quant_state's JSON is ~200 bytes; a multi-megabyte one is not read.
+MAX_QUANT_STATE_BYTES = 1 << 16
+ADVICE = (
+    "The checkpoint is damaged or was not written by bitsandbytes; re-save it from the unquantized weights."
+)
 
 
 def _bnb() -> Any:
@@ -58,10 +70,51 @@ def packed_4bit_shape(numel: int, storage: torch.dtype) -> tuple[int, int]:
 
 
 def _corrupt(key: str, problem: str) -> qcore.CorruptCheckpointError:
-    return qcore.CorruptCheckpointError(
-        f"{key!r}: {problem}. The checkpoint is damaged or was not written by bitsandbytes; re-save it "
-        "from the unquantized weights."
-    )
+    return qcore.CorruptCheckpointError(f"{key!r}: {problem}. {ADVICE}")
+
+
+def _check_layout(key: str, tensor: torch.Tensor, numel: int, dtypes: tuple[torch.dtype, ...]) -> None:
+    """A statistic is a 1-D tensor of ``numel`` values of one of ``dtypes`` (0-D when one value)."""
+    if tensor.dtype not in dtypes:
+        raise _corrupt(key, f"is {tensor.dtype}, expected {', '.join(map(str, dtypes))}")
+    if tuple(tensor.shape) != (numel,) and not (numel == 1 and tensor.dim() == 0):
+        raise _corrupt(key, f"has shape {tuple(tensor.shape)}, expected ({numel},)")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_quant_state(
+    key: str, info: Mapping[str, Any], quant_type: str, shape: tuple[int, ...], nested: bool
+) -> int:
+    """Check a 4-bit weight's quant_state fields against its key and the model; returns the blocksize."""
+    if info.get("quant_type") != quant_type:
+        raise _corrupt(key, f"says quant_type {info.get('quant_type')!r}, its key says {quant_type!r}")
+    if list(info.get("shape") or []) != list(shape) or not all(_is_int(n) for n in info.get("shape") or []):
+        raise _corrupt(key, f"is for a weight of shape {info.get('shape')}, the model's is {list(shape)}")
+    blocksize = info.get("blocksize")
+    if not _is_int(blocksize) or blocksize not in BLOCKSIZES:
+        raise _corrupt(key, f"has blocksize {blocksize!r}; bitsandbytes uses one of {BLOCKSIZES}")
+    if info.get("dtype") not in FLOAT_DTYPES:
+        raise _corrupt(key, f"has dtype {info.get('dtype')!r}; expected one of {', '.join(FLOAT_DTYPES)}")
+    if not nested:
+        return blocksize
+    for field in ("nested_blocksize", "nested_dtype", "nested_offset"):
+        if field not in info:
+            raise _corrupt(key, f"lacks {field!r}, which double-quantized statistics need")
+    nested_blocksize = info["nested_blocksize"]
+    if not _is_int(nested_blocksize) or nested_blocksize not in BLOCKSIZES:
+        raise _corrupt(
+            key, f"has nested_blocksize {nested_blocksize!r}; bitsandbytes uses one of {BLOCKSIZES}"
+        )
+    if info["nested_dtype"] != "float32":
+        raise _corrupt(key, f"has nested_dtype {info['nested_dtype']!r}; double quantization uses 'float32'")
+    offset = info["nested_offset"]
+    # The offset is added to every dequantized scale: NaN or inf would corrupt the whole layer.
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        raise _corrupt(key, f"has nested_offset {offset!r}; it must be a finite number")
+    return blocksize
 
 
 class BitsAndBytesQuantizer(qcore.Quantizer):
@@ -82,6 +135,9 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
         super().__init__(quantization_config, pre_quantized=pre_quantized)
         self.modules_to_not_convert = list(self.quantization_config.llm_int8_skip_modules or [])
         self.torch_dtype: torch.dtype | None = None
+        self._tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+        # Value checks of loaded statistics, read together at the end of the load.
+        self._checks = qcore.BatchedChecks()
 
     @property
     def _is_4bit(self) -> bool:
@@ -326,6 +382,8 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
             new = self._create_4bit(bnb, module, param_name, param_value, old, target_device, state_dict)
         else:
             new = self._create_8bit(bnb, module, param_name, param_value, target_device, state_dict)
+        if target_device.type == "cpu":
+            self._checks.verify(ADVICE)  # reading CPU results does not wait for anything
         module._parameters[tensor_name] = new
 
     def _create_4bit(
@@ -339,31 +397,96 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
         state_dict: Mapping[str, torch.Tensor],
     ) -> Any:
         if not self.pre_quantized:
-            param = bnb.nn.Params4bit(
-                value,
-                requires_grad=False,
-                blocksize=old.blocksize,
-                compress_statistics=old.compress_statistics,
-                quant_type=old.quant_type,
-                quant_storage=old.quant_storage,
-                module=module,
-            )
-            return param.to(device)  # Params4bit quantizes on its first move to a real device
-        stats = self._checked_4bit_stats(param_name, value, tuple(old.shape), state_dict)
+            return self._quantize_4bit(bnb, module, value, old, device)
+        stats = self._checked_4bit_stats(bnb, param_name, value, tuple(old.shape), state_dict)
         param = bnb.nn.Params4bit.from_prequantized(
             data=value, quantized_stats=stats, requires_grad=False, device=device, module=module
         )
         module.quant_storage = value.dtype
         return param
 
+    def _fixed_table(self, bnb: Any, name: str, device: torch.device) -> torch.Tensor:
+        """bitsandbytes' code table ``name`` (nf4, fp4, or the 8-bit ``dynamic`` map) on ``device``.
+
+        bitsandbytes builds a table from a Python list at every call (a host-to-device copy per
+        weight on a GPU); one copy per device and table is kept here.
+        """
+        key = (name, device)
+        table = self._tables.get(key)
+        if table is None:
+            if name == DYNAMIC_MAP:
+                table = bnb.functional.create_dynamic_map().to(device=device, dtype=torch.float32)
+            else:
+                table = bnb.functional.get_4bit_type(name, device=device).to(torch.float32)
+            self._tables[key] = table
+        return table
+
+    def _quantize_4bit(
+        self, bnb: Any, module: nn.Module, value: torch.Tensor, old: Any, device: torch.device
+    ) -> Any:
+        """``value`` as the ``Params4bit`` a ``Linear4bit`` holds after its move to ``device``.
+
+        The steps of ``bitsandbytes.functional.quantize_4bit``, with the nf4/fp4 code table taken
+        from :meth:`_fixed_table` (and copied: every layer owns its table, as bitsandbytes' do, so a
+        save never finds tensors that share memory).
+        """
+        weight = value.contiguous().to(device)
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            weight = weight.to(self.torch_dtype or torch.float16)
+        packed, absmax = torch.ops.bitsandbytes.quantize_4bit.default(
+            weight, old.blocksize, old.quant_type, old.quant_storage
+        )
+        code = self._fixed_table(bnb, old.quant_type, weight.device).clone()
+        functional = bnb.functional
+        if old.compress_statistics:
+            offset = absmax.mean()
+            nested_absmax, nested_state = functional.quantize_blockwise(absmax - offset, blocksize=256)
+            state = functional.QuantState(
+                absmax=nested_absmax,
+                shape=weight.shape,
+                dtype=weight.dtype,
+                blocksize=old.blocksize,
+                code=code,
+                quant_type=old.quant_type,
+                offset=offset,
+                state2=nested_state,
+            )
+        else:
+            state = functional.QuantState(
+                absmax=absmax,
+                shape=weight.shape,
+                dtype=weight.dtype,
+                blocksize=old.blocksize,
+                code=code,
+                quant_type=old.quant_type,
+            )
+        module.quant_state = state
+        return bnb.nn.Params4bit(
+            packed,
+            requires_grad=False,
+            quant_state=state,
+            blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type,
+            quant_storage=old.quant_storage,
+            module=module,
+            bnb_quantized=True,
+        )
+
     def _checked_4bit_stats(
         self,
+        bnb: Any,
         param_name: str,
         value: torch.Tensor,
         shape: tuple[int, ...],
         state_dict: Mapping[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        """The weight's statistics, checked so a damaged one is reported by its key."""
+        """The weight's statistics, each checked against what the weight needs, reported by its key.
+
+        Sizes, dtypes and the quant_state's fields are checked here; values (finite, non-negative,
+        code tables equal to bitsandbytes' fixed ones) on the tensors' device, read together with
+        the other weights' in :meth:`postprocess_model` (at once for CPU tensors).
+        """
         prefix = f"{param_name}."
         stats = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         unknown = sorted(set(stats) - set(STATS_4BIT))
@@ -380,49 +503,49 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
         state_key = prefix + state_keys[0]
         info = self._quant_state_info(state_key, stats[state_keys[0]])
         quant_type = state_keys[0].rpartition("__")[2]
-        if info.get("quant_type") != quant_type:
-            raise _corrupt(
-                state_key, f"says quant_type {info.get('quant_type')!r}, its key says {quant_type!r}"
-            )
-        if list(info.get("shape") or []) != list(shape):
-            raise _corrupt(
-                state_key, f"is for a weight of shape {info.get('shape')}, the model's is {list(shape)}"
-            )
-        blocksize = info.get("blocksize")
-        if not isinstance(blocksize, int) or blocksize <= 0:
-            raise _corrupt(state_key, f"has blocksize {blocksize!r}")
-        if info.get("dtype") not in ("float32", "float16", "bfloat16"):
-            raise _corrupt(state_key, f"has dtype {info.get('dtype')!r}")
+        nested = "nested_absmax" in stats or "nested_quant_map" in stats or "nested_blocksize" in info
+        blocksize = _check_quant_state(state_key, info, quant_type, shape, nested)
         if value.numel() * value.element_size() != (math.prod(shape) + 1) // 2:
             raise _corrupt(
                 param_name,
                 f"holds {value.numel() * value.element_size()} bytes, a 4-bit {shape} weight needs "
                 f"{(math.prod(shape) + 1) // 2}",
             )
-        nested = "nested_absmax" in stats or "nested_quant_map" in stats or "nested_blocksize" in info
         blocks = math.ceil(math.prod(shape) / blocksize)
         for name in ("absmax", "quant_map", *(("nested_absmax", "nested_quant_map") if nested else ())):
             if name not in stats:
                 raise qcore.MissingKeysError([prefix + name], "the checkpoint")
-        self._check_stat(prefix + "quant_map", stats["quant_map"], QUANT_MAP_SIZE, (torch.float32,))
+        quant_map = stats["quant_map"]
+        _check_layout(prefix + "quant_map", quant_map, QUANT_MAP_SIZE, (torch.float32,))
+        self._require_table(bnb, prefix + "quant_map", quant_map, quant_type)
         if nested:
-            for field in ("nested_blocksize", "nested_dtype", "nested_offset"):
-                if field not in info:
-                    raise _corrupt(state_key, f"lacks {field!r}, which double-quantized statistics need")
-            self._check_stat(prefix + "absmax", stats["absmax"], blocks, (torch.uint8,))
+            # absmax holds 8-bit codes into nested_quant_map: every byte value is valid.
+            _check_layout(prefix + "absmax", stats["absmax"], blocks, (torch.uint8,))
             nested_blocks = math.ceil(blocks / int(info["nested_blocksize"]))
-            self._check_stat(
-                prefix + "nested_absmax", stats["nested_absmax"], nested_blocks, (torch.float32,)
-            )
-            self._check_stat(
-                prefix + "nested_quant_map",
-                stats["nested_quant_map"],
-                NESTED_QUANT_MAP_SIZE,
-                (torch.float32,),
-            )
+            nested_absmax = stats["nested_absmax"]
+            _check_layout(prefix + "nested_absmax", nested_absmax, nested_blocks, (torch.float32,))
+            self._require_scales(prefix + "nested_absmax", nested_absmax)
+            nested_map = stats["nested_quant_map"]
+            _check_layout(prefix + "nested_quant_map", nested_map, NESTED_QUANT_MAP_SIZE, (torch.float32,))
+            self._require_table(bnb, prefix + "nested_quant_map", nested_map, DYNAMIC_MAP)
         else:
-            self._check_stat(prefix + "absmax", stats["absmax"], blocks, (torch.float32,))
+            _check_layout(prefix + "absmax", stats["absmax"], blocks, (torch.float32,))
+            self._require_scales(prefix + "absmax", stats["absmax"])
         return {prefix + k: v for k, v in stats.items()}
+
+    def _require_scales(self, key: str, scales: torch.Tensor) -> None:
+        # Absolute maxima: a NaN, an infinity or a negative value corrupts every weight it scales.
+        self._checks.require(
+            (torch.isfinite(scales) & (scales >= 0)).all(), key, "holds NaN, infinite or negative scales"
+        )
+
+    def _require_table(self, bnb: Any, key: str, table: torch.Tensor, name: str) -> None:
+        expected = self._fixed_table(bnb, name, table.device)
+        self._checks.require(
+            torch.isclose(table, expected, rtol=0.0, atol=TABLE_TOLERANCE).all(),
+            key,
+            f"differs from bitsandbytes' fixed {name} code table",
+        )
 
     @staticmethod
     def _quant_state_info(key: str, packed: torch.Tensor) -> dict[str, Any]:
@@ -430,22 +553,15 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
             raise _corrupt(
                 key, f"must be a 1-D uint8 tensor of packed JSON, found {packed.dtype} {tuple(packed.shape)}"
             )
+        if packed.numel() > MAX_QUANT_STATE_BYTES:
+            raise _corrupt(key, f"holds {packed.numel()} bytes; a quant_state is a small JSON object")
         try:
             info = json.loads(bytes(packed.tolist()).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise _corrupt(key, f"is not valid packed JSON ({exc})") from exc
         if not isinstance(info, dict):
             raise _corrupt(key, "does not hold a JSON object")
         return info
-
-    @staticmethod
-    def _check_stat(key: str, tensor: torch.Tensor, numel: int, dtypes: tuple[torch.dtype, ...]) -> None:
-        if tensor.dtype not in dtypes:
-            raise _corrupt(key, f"is {tensor.dtype}, expected {', '.join(map(str, dtypes))}")
-        if tensor.numel() != numel:
-            raise _corrupt(key, f"has {tensor.numel()} values, expected {numel}")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise _corrupt(key, "contains NaN or infinite values")
 
     @staticmethod
     def _quantize_8bit(value: torch.Tensor, device: torch.device) -> Any:
@@ -484,12 +600,18 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
         if scb_key not in state_dict:
             raise qcore.MissingKeysError([scb_key], "the checkpoint")
         scb = state_dict[scb_key]
-        self._check_stat(scb_key, scb, value.shape[0], (torch.float32, torch.float16, torch.bfloat16))
+        _check_layout(scb_key, scb, value.shape[0], (torch.float32, torch.float16, torch.bfloat16))
+        self._require_scales(scb_key, scb)
         format_key = f"{prefix}weight_format"
         if format_key in state_dict:
             fmt = state_dict[format_key]
-            if fmt.numel() != 1 or int(fmt.reshape(-1)[0]) != ROW_MAJOR_FORMAT:
-                raise _corrupt(format_key, f"is {fmt.tolist()}; only 0 (row-major) is supported")
+            if fmt.numel() != 1 or fmt.dtype.is_floating_point or fmt.dtype == torch.bool:
+                raise _corrupt(
+                    format_key, f"is {fmt.dtype} {tuple(fmt.shape)}; it must be one integer, 0 (row-major)"
+                )
+            self._checks.require(
+                (fmt == ROW_MAJOR_FORMAT).all(), format_key, "is not 0; only 0 (row-major) is supported"
+            )
         param = bnb.nn.Int8Params(value, requires_grad=False, has_fp16_weights=False, SCB=scb.float())
         return param.to(device)
 
@@ -502,6 +624,7 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
 
     @qcore.hookimpl
     def postprocess_model(self, model: nn.Module) -> None:
+        self._checks.verify(ADVICE)
         # The flags diffusers' ModelMixin reads (e.g. to refuse .to(dtype) and to know it may save).
         model.is_loaded_in_4bit = self._is_4bit
         model.is_loaded_in_8bit = not self._is_4bit
