@@ -142,6 +142,16 @@ class DequantizeError(QcoreError, NotImplementedError):
     """The backend cannot dequantize this model."""
 
 
+class CheckpointWriteError(SerializationError):
+    """The file system refused a checkpoint write: read-only, full, no permission, a path that is not a
+    directory. ``path`` names what could not be written; the checkpoint already there is left intact."""
+
+    def __init__(self, message: str, *, path: str, errno: int | None = None) -> None:
+        self.path = path
+        self.errno = errno
+        super().__init__(message)
+
+
 __all__ = [
     "QcoreError",
     "BackendError",
@@ -161,4 +171,5 @@ __all__ = [
     "SerializationError",
     "DtypeCastError",
     "DequantizeError",
+    "CheckpointWriteError",
 ]
