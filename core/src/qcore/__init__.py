@@ -18,6 +18,7 @@ from ._errors import (
     BackendValidationError,
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointWriteError,
     ConfigError,
     ConfigMismatchError,
     CorruptCheckpointError,
@@ -111,5 +112,6 @@ __all__ = [
     "SerializationError",
     "DtypeCastError",
     "DequantizeError",
+    "CheckpointWriteError",
     "__version__",
 ]
