@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,6 +40,12 @@ logger = logging.getLogger("qcore.torchao")
 
 MIN_TORCHAO = "0.14"
 MIN_TORCHAO_SAFETENSORS = "0.16"
+# Formats whose inner tensors are unpacked: qdata has the weight's shape, scale and zero_point one
+# value per block in a (rows / block rows, columns / block columns) grid.
+UNPACKED_TYPES = frozenset({"Int8Tensor", "Float8Tensor", "IntxUnpackedToInt8Tensor"})
+BLOCK_STAT_PARTS = ("scale", "zero_point")
+FINITE_CHECKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ADVICE = "The checkpoint is damaged; re-save it from the unquantized weights."
 _INT4_NAME = re.compile(r"(?<![0-9])4weight", re.IGNORECASE)
 
 
@@ -72,6 +79,8 @@ class TorchAoQuantizer(qcore.Quantizer):
         self._entries: dict[str, dict[str, Any]] = {}
         self._torch_dtype: torch.dtype | None = None
         self._where = "the checkpoint"
+        # Value checks of loaded tensors, read together at the end of the load.
+        self._checks = qcore.BatchedChecks()
 
     # --- stage 2 --------------------------------------------------------------------------------
 
@@ -204,6 +213,9 @@ class TorchAoQuantizer(qcore.Quantizer):
                     f"{param_name!r} in {self._where} rebuilds to shape {tuple(weight.shape)}, the model "
                     f"expects {expected}"
                 )
+            self._check_parts(param_name, entry["_type"], weight, parts)
+            if target_device.type == "cpu":
+                self._checks.verify(ADVICE)  # reading CPU results does not wait for anything
             module._parameters[tensor_name] = nn.Parameter(weight, requires_grad=False)
             return
         assert param_value is not None
@@ -230,6 +242,66 @@ class TorchAoQuantizer(qcore.Quantizer):
                 f"torchao {torchao_version()} could not quantize {module_name!r} with "
                 f"{type(config).__name__} on {target_device}: {type(exc).__name__}: {exc}"
             ) from exc
+
+    def _check_parts(
+        self, param_name: str, kind: str, weight: Any, parts: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Check a rebuilt weight's inner tensors against what the weight needs.
+
+        torchao rebuilds a tensor from any parts whose shapes broadcast: a scale of shape (1,) for 64
+        rows, or of the wrong length, would give wrong outputs or fail at the first forward. Each
+        scale and zero point must have one value per block of ``block_size``; floating-point parts
+        must be finite (checked on their device, read in :meth:`postprocess_model`).
+        """
+        for part, tensor in parts.items():
+            if tensor.dtype in FINITE_CHECKED_DTYPES:
+                self._checks.require(
+                    torch.isfinite(tensor).all(),
+                    flattened_key(param_name, part),
+                    "holds NaN or infinite values",
+                )
+        shape = tuple(weight.shape)
+        block = getattr(weight, "block_size", None)
+        if block is None:
+            return  # formats without per-block statistics (MX, NVFP4) carry their own checks
+        block = tuple(block) if isinstance(block, (list, tuple)) else (block,)
+        if len(block) != len(shape) or not all(
+            isinstance(b, int) and b > 0 and n % b == 0 for n, b in zip(shape, block, strict=False)
+        ):
+            raise qcore.CorruptCheckpointError(
+                f"{self._where}: {param_name!r} ({kind}) has block_size {list(block)}, which does not "
+                f"tile its shape {list(shape)}. {ADVICE}"
+            )
+        grid = tuple(n // b for n, b in zip(shape, block, strict=True))
+        qdata = parts.get("qdata")
+        if kind in UNPACKED_TYPES and qdata is not None and tuple(qdata.shape) != shape:
+            raise qcore.CorruptCheckpointError(
+                f"{self._where}: {flattened_key(param_name, 'qdata')!r} has shape {tuple(qdata.shape)}, "
+                f"{param_name!r} needs {shape}. {ADVICE}"
+            )
+        for part in BLOCK_STAT_PARTS:
+            tensor = parts.get(part)
+            if tensor is None:
+                continue
+            key = flattened_key(param_name, part)
+            if part.endswith("scale") and not tensor.is_floating_point():
+                raise qcore.CorruptCheckpointError(
+                    f"{self._where}: {key!r} is {tensor.dtype}; scales are floating point. {ADVICE}"
+                )
+            per_tensor = math.prod(grid) == 1 and tensor.numel() == 1
+            exact = (
+                tuple(tensor.shape) == grid if kind in UNPACKED_TYPES else tensor.numel() == math.prod(grid)
+            )
+            if not (exact or per_tensor):
+                raise qcore.CorruptCheckpointError(
+                    f"{self._where}: {key!r} has shape {tuple(tensor.shape)}; {param_name!r} of shape "
+                    f"{list(shape)} in blocks of {list(block)} needs one value per block, shape {grid}. "
+                    f"{ADVICE}"
+                )
+
+    @qcore.hookimpl
+    def postprocess_model(self) -> None:
+        self._checks.verify(ADVICE)
 
     # --- finish, dequantize, save ---------------------------------------------------------------
 
