@@ -1,25 +1,30 @@
-"""Finding a checkpoint's files (local directory or hub id) and streaming its tensors.
+"""Finding a checkpoint's files (local directory or hub id), validating them and streaming their tensors.
 
 The on-disk layout is diffusers': ``config.json`` plus ``diffusion_pytorch_model[.variant].safetensors``
 or shards ``diffusion_pytorch_model[.variant]-0000i-of-0000n.safetensors`` listed in
 ``diffusion_pytorch_model.safetensors.index[.variant].json``. transformers' ``model.safetensors``
 names are read too. ``.bin`` files are read only with ``torch.load(weights_only=True)``.
+
+A checkpoint is untrusted input. Every JSON file and safetensors header is validated here, once, for
+the loader and ``qcore inspect`` alike: shard names are plain file names inside the checkpoint, header
+offsets tile the data section exactly, and sizes are capped before anything is allocated.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import struct
-from contextlib import ExitStack
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._errors import CheckpointNotFoundError, CorruptCheckpointError
+from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
 logger = logging.getLogger("qcore")
 
@@ -28,17 +33,333 @@ WEIGHTS_BASENAMES = ("diffusion_pytorch_model", "model")
 SAFETENSORS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 BIN_WEIGHTS_NAME = "diffusion_pytorch_model.bin"
 
+# Larger than any real header, config or index (safetensors itself caps headers at 100 MB).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_JSON_BYTES = 100 * 1024 * 1024
+MAX_TENSOR_DIMS = 64
+# Tensors handed to backends start on a multiple of this many bytes: what AVX-512 and every CPU
+# kernel torch ships can assume (torch's own CPU allocator aligns to 64 bytes).
+TENSOR_ALIGNMENT = 64
+
+
+# --- dtypes -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SafetensorsDtype:
+    """A safetensors dtype: its header name, the torch dtype name, and bits per element."""
+
+    name: str
+    torch_name: str | None
+    bits: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return getattr(torch, self.torch_name, None) if self.torch_name else None
+
+    @property
+    def label(self) -> str:
+        """The name users know: torch's, or the safetensors one where torch has none."""
+        return self.torch_name or self.name
+
+
+SAFETENSORS_DTYPES: dict[str, SafetensorsDtype] = {
+    d.name: d
+    for d in (
+        SafetensorsDtype("F64", "float64", 64),
+        SafetensorsDtype("F32", "float32", 32),
+        SafetensorsDtype("F16", "float16", 16),
+        SafetensorsDtype("BF16", "bfloat16", 16),
+        SafetensorsDtype("F8_E4M3", "float8_e4m3fn", 8),
+        SafetensorsDtype("F8_E4M3FNUZ", "float8_e4m3fnuz", 8),
+        SafetensorsDtype("F8_E5M2", "float8_e5m2", 8),
+        SafetensorsDtype("F8_E5M2FNUZ", "float8_e5m2fnuz", 8),
+        SafetensorsDtype("F8_E8M0", "float8_e8m0fnu", 8),
+        SafetensorsDtype("F6_E2M3", None, 6),
+        SafetensorsDtype("F6_E3M2", None, 6),
+        SafetensorsDtype("F4", "float4_e2m1fn_x2", 4),
+        SafetensorsDtype("C64", "complex64", 64),
+        SafetensorsDtype("I64", "int64", 64),
+        SafetensorsDtype("I32", "int32", 32),
+        SafetensorsDtype("I16", "int16", 16),
+        SafetensorsDtype("I8", "int8", 8),
+        SafetensorsDtype("U64", "uint64", 64),
+        SafetensorsDtype("U32", "uint32", 32),
+        SafetensorsDtype("U16", "uint16", 16),
+        SafetensorsDtype("U8", "uint8", 8),
+        SafetensorsDtype("BOOL", "bool", 8),
+    )
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as a weight file's header (or a ``.bin`` state dict) describes it; no data."""
+
+    dtype: str  # the label users know: "bfloat16", or the safetensors name torch lacks ("F6_E2M3")
+    torch_dtype: torch.dtype | None
+    shape: tuple[int, ...]
+    nbytes: int
+    offset: int | None = None  # absolute file offset of the first byte (safetensors only)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_shape(self) -> tuple[int, ...]:
+        """The shape of the torch tensor: float4 packs two elements per item along the last dim."""
+        if self.torch_dtype is not None and self.shape and self.nbytes * 8 == self.numel * 4:
+            return (*self.shape[:-1], self.shape[-1] // 2)
+        return self.shape
+
+
+@dataclass(frozen=True)
+class WeightFileHeader:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+
+# --- JSON ---------------------------------------------------------------------------------------
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            # JSON parsers keep the last of two equal keys; a header would then reinterpret bytes.
+            raise _DuplicateKey(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def decode_json(raw: bytes | str, where: str) -> Any:
+    """Parse untrusted JSON: duplicate keys, deep nesting and bad encodings are CorruptCheckpointErrors."""
+    try:
+        return json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise CorruptCheckpointError(f"{where}: {exc}") from None
+    except RecursionError:
+        raise CorruptCheckpointError(f"{where}: JSON nested too deeply to be a checkpoint file") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise CorruptCheckpointError(f"{where}: not valid JSON ({exc})") from None
+
+
+def _read_bytes(path: Path, limit: int, what: str) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise CorruptCheckpointError(
+                f"{path}: {size} bytes, more than any real {what} ({limit} bytes); the file is not a {what}"
+            )
+        with open(path, "rb") as f:
+            return f.read(limit + 1)
+    except OSError as exc:
+        raise _os_error(path, exc) from exc
+
+
+def _os_error(path: Path, exc: OSError) -> CheckpointError:
+    if isinstance(exc, FileNotFoundError):
+        return CheckpointNotFoundError(f"{path}: no such file (a dangling link?)")
+    return CheckpointError(f"{path}: cannot be read: {exc.strerror or exc}")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a checkpoint file (config.json, an index), validated."""
+    data = decode_json(_read_bytes(path, MAX_JSON_BYTES, "JSON file"), str(path))
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+# --- safetensors headers ------------------------------------------------------------------------
+
+
+def read_safetensors_header(path: Path) -> WeightFileHeader:
+    """The validated header of a local safetensors file; reads no tensor data."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) != 8:
+                raise CorruptCheckpointError(
+                    f"{path}: not a valid safetensors file (shorter than the 8-byte header length)"
+                )
+            (length,) = struct.unpack("<Q", raw_len)
+            if length > min(MAX_HEADER_BYTES, size - 8):
+                raise CorruptCheckpointError(
+                    f"{path}: not a valid safetensors file (header length {length} is larger than "
+                    f"{'the file' if length > size - 8 else 'any real header'})"
+                )
+            raw = f.read(length)
+    except OSError as exc:
+        raise _os_error(path, exc) from exc
+    if len(raw) != length:
+        raise CorruptCheckpointError(
+            f"{path}: not a valid safetensors file (the file ends inside the header)"
+        )
+    header = decode_json(raw, f"{path}: not a valid safetensors file, header")
+    return validate_safetensors_header(header, path, 8 + length, size - 8 - length)
+
+
+def validate_safetensors_header(
+    header: Any, path: Path, data_start: int, data_size: int | None
+) -> WeightFileHeader:
+    """Check a decoded header: known dtypes, sane shapes, offsets that tile the data section exactly.
+
+    ``data_size`` is the length of the data section (``None`` when unknown, e.g. a hub file whose
+    size was not given): then only the offsets' order and sizes are checked.
+    """
+    where = str(path)
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{where}: not a valid safetensors file (header is not a JSON object)")
+    metadata = _header_metadata(header.get("__metadata__"), where)
+    tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        info, begin, end = _tensor_entry(key, entry, where, data_start)
+        tensors[key] = info
+        spans.append((begin, end, key))
+    spans.sort()
+    position, previous = 0, None
+    for begin, end, key in spans:
+        if begin < position:
+            raise CorruptCheckpointError(
+                f"{where}: tensor {key!r}: data_offsets [{begin}, {end}] overlap tensor {previous!r}"
+            )
+        if begin > position:
+            raise CorruptCheckpointError(
+                f"{where}: tensor {key!r}: data_offsets [{begin}, {end}] leave a gap after byte {position}"
+            )
+        position, previous = end, key
+    if data_size is not None and position != data_size:
+        culprit = f"tensor {previous!r} ends at byte {position}" if previous else "the header lists no data"
+        relation = "past the end of" if position > data_size else "before the end of"
+        raise CorruptCheckpointError(
+            f"{where}: {culprit}, {relation} the data section ({data_size} bytes): the file is "
+            "truncated or its header is corrupt"
+        )
+    return WeightFileHeader(path, tensors, metadata)
+
+
+def _header_metadata(value: Any, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise CorruptCheckpointError(
+            f"{where}: header key '__metadata__' must be an object of strings, got {_json_type(value)}"
+        )
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, dict):
+        bad = next((k for k, v in value.items() if not isinstance(v, str)), None)
+        return f"a {type(value[bad]).__name__} for {bad!r}" if bad is not None else "an object"
+    return f"a {type(value).__name__}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tensor_entry(key: str, entry: Any, where: str, data_start: int) -> tuple[TensorInfo, int, int]:
+    def bad(problem: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{where}: tensor {key!r}: {problem}")
+
+    if not isinstance(entry, dict):
+        raise bad(f"header entry must be an object, got a {type(entry).__name__}")
+    for field in ("dtype", "shape", "data_offsets"):
+        if field not in entry:
+            raise bad(f"header entry has no {field!r}")
+    name = entry["dtype"]
+    dtype = SAFETENSORS_DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None:
+        raise bad(f"unknown dtype {name!r} (known: {', '.join(SAFETENSORS_DTYPES)})")
+    shape = entry["shape"]
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_TENSOR_DIMS
+        or not all(_is_int(dim) and dim >= 0 for dim in shape)
+    ):
+        raise bad(f"shape {shape!r} is not a list of at most {MAX_TENSOR_DIMS} non-negative integers")
+    offsets = entry["data_offsets"]
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise bad(f"data_offsets {offsets!r} is not a list of two integers")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise bad(f"data_offsets [{begin}, {end}] are not an ordered pair of non-negative offsets")
+    bits = math.prod(shape) * dtype.bits
+    if bits % 8 or bits // 8 != end - begin:
+        raise bad(
+            f"shape {shape} of {dtype.name} needs {bits / 8:g} bytes, but data_offsets [{begin}, {end}] "
+            f"span {end - begin}"
+        )
+    info = TensorInfo(dtype.label, dtype.torch_dtype, tuple(shape), end - begin, data_start + begin)
+    return info, begin, end
+
+
+# --- bin files ----------------------------------------------------------------------------------
+
+
+def load_bin_state(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a ``.bin`` file, read with ``weights_only=True`` (memory-mapped)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except OSError as exc:
+        raise _os_error(path, exc) from exc
+    except Exception as exc:  # the unpickler's many error types
+        raise CorruptCheckpointError(
+            f"{path}: cannot be read with torch.load(weights_only=True) ({exc})"
+        ) from exc
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CorruptCheckpointError(
+                f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor named by a string"
+            )
+    return state
+
+
+def bin_tensor_info(tensor: torch.Tensor) -> TensorInfo:
+    return TensorInfo(
+        str(tensor.dtype).removeprefix("torch."),
+        tensor.dtype,
+        tuple(tensor.shape),
+        tensor.numel() * tensor.element_size(),
+    )
+
+
+def read_weight_file(path: Path) -> tuple[WeightFileHeader, dict[str, torch.Tensor] | None]:
+    """A weight file's validated tensor list; ``.bin`` files also return their (mmapped) state dict."""
+    if path.suffix == ".safetensors":
+        return read_safetensors_header(path), None
+    state = load_bin_state(path)
+    return WeightFileHeader(path, {k: bin_tensor_info(t) for k, t in state.items()}, {}), state
+
+
+# --- locating files -----------------------------------------------------------------------------
+
 
 def add_variant(filename: str, variant: str | None) -> str:
-    """``a.safetensors`` -> ``a.fp16.safetensors``; ``a.safetensors.index.json`` -> ``a.safetensors.index.fp16.json``."""
+    """``a.safetensors`` -> ``a.fp16.safetensors``;
+    ``a.safetensors.index.json`` -> ``a.safetensors.index.fp16.json``."""
     if variant is None:
         return filename
     head, _, ext = filename.rpartition(".")
     return f"{head}.{variant}.{ext}"
 
 
-def _candidates(variant: str | None, use_safetensors: bool | None) -> list[tuple[str, bool]]:
-    """(filename, is_index) in the order they are looked for."""
+def weight_candidates(variant: str | None, use_safetensors: bool | None) -> list[tuple[str, bool]]:
+    """(filename, is_index) of a checkpoint's weights, in the order they are looked for."""
     exts = []
     if use_safetensors is not False:
         exts.append("safetensors")
@@ -52,6 +373,119 @@ def _candidates(variant: str | None, use_safetensors: bool | None) -> list[tuple
     return names
 
 
+def shard_names(index: Mapping[str, Any], index_name: str) -> dict[str, str]:
+    """An index's validated ``weight_map`` (tensor key -> shard file name).
+
+    Shard names must be plain file names of the index's format: never a path that could leave the
+    checkpoint (``../x``, ``/abs``, ``sub/x``).
+    """
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CorruptCheckpointError(f"{index_name}: no 'weight_map' object in the index")
+    suffix = ".bin" if ".bin.index" in Path(index_name).name else ".safetensors"
+    for key, name in weight_map.items():
+        if not isinstance(name, str):
+            raise CorruptCheckpointError(
+                f"{index_name}: weight_map[{key!r}] must be a file name, got a {type(name).__name__}"
+            )
+        if not is_plain_file_name(name) or not name.endswith(suffix):
+            raise CorruptCheckpointError(
+                f"{index_name}: weight_map[{key!r}] = {name!r} is not a plain {suffix} file name in the "
+                "checkpoint directory; an index may only name files beside it"
+            )
+    return weight_map
+
+
+def is_plain_file_name(name: str) -> bool:
+    return (
+        bool(name)
+        and name not in (".", "..")
+        and not any(sep in name for sep in ("/", "\\", "\0", ":"))
+        and not os.path.isabs(name)
+        and name == name.strip()
+    )
+
+
+def hub_cache_repository(directory: Path) -> Path | None:
+    """The repository folder when ``directory`` lies in a Hugging Face cache snapshot."""
+    for parent in (directory, *directory.parents):
+        if parent.parent.name == "snapshots":
+            return parent.parent.parent
+    return None
+
+
+def check_inside(path: Path, root: Path) -> None:
+    """Refuse a file of the checkpoint that links outside it (hub-cache links to its blobs are fine)."""
+    target = path.resolve()
+    if target.is_relative_to(root.resolve()):
+        return
+    repository = hub_cache_repository(root.absolute())
+    if repository is not None and target.is_relative_to((repository / "blobs").resolve()):
+        return
+    raise CorruptCheckpointError(
+        f"{path}: links to {target}, outside the checkpoint {root}; refusing to read it"
+    )
+
+
+def looks_like_local_path(path: str) -> bool:
+    """A string a user meant as a directory, never a hub id: ``./x``, ``/x``, ``~/x``, ``a/b/c``."""
+    return (
+        path.startswith(("/", "./", "../", "~", ".\\", "..\\"))
+        or path in (".", "..")
+        or path.count("/") > 1
+        or (os.sep != "/" and os.sep in path)
+        or os.path.exists(path)
+    )
+
+
+def check_hub_id(path: str) -> None:
+    """Raise CheckpointNotFoundError unless ``path`` can be a hub id (checked before any network)."""
+    if looks_like_local_path(path):
+        what = "is not a directory" if os.path.exists(path) else "no such directory"
+        raise CheckpointNotFoundError(
+            f"{path!r}: {what} (it is neither a local directory nor a valid hub id)"
+        )
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise CheckpointNotFoundError(
+            f"{path!r} is neither a local directory nor a valid hub id (no such directory)"
+        ) from None
+
+
+def hub_error(exc: BaseException, repo: str, location: str) -> CheckpointNotFoundError | None:
+    """The qcore error for a huggingface_hub failure, or None when the file is simply absent."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError)):
+        return CheckpointNotFoundError(f"hub repository {repo!r}: {exc}")
+    if is_not_cached(exc):
+        return CheckpointNotFoundError(
+            f"{location} is not in the local Hugging Face cache and could not be downloaded (offline "
+            f"mode, or the hub is unreachable: {exc}); check the network, or pass a local directory"
+        )
+    if isinstance(exc, EntryNotFoundError):
+        return None
+    return CheckpointNotFoundError(
+        f"cannot read {location} from the hub ({type(exc).__name__}: {exc}); check the network, "
+        "or pass a local directory"
+    )
+
+
+def is_not_cached(exc: BaseException) -> bool:
+    """A file absent from the local cache while the hub was not asked (offline) or not reachable."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    return isinstance(exc, LocalEntryNotFoundError)
+
+
 @dataclass
 class CheckpointFiles:
     """Where a checkpoint's config and weight files are, once found (and downloaded)."""
@@ -62,10 +496,6 @@ class CheckpointFiles:
     index_path: Path | None = None
     weight_map: dict[str, Path] | None = None
 
-    @property
-    def directory(self) -> Path:
-        return self.config_path.parent
-
 
 class _Fetcher:
     """Returns the local path of a file of the checkpoint, or None if it does not exist."""
@@ -75,49 +505,37 @@ class _Fetcher:
         self.subfolder = subfolder or None
         self.hub_kwargs = hub_kwargs
         self.local_dir = Path(path, subfolder or "") if os.path.isdir(path) else None
-        self.not_cached: Exception | None = None
+        self.not_cached: CheckpointNotFoundError | None = None
         if self.local_dir is None:
-            self._check_hub_id()
+            check_hub_id(path)
 
     @property
     def location(self) -> str:
-        return str(self.local_dir) if self.local_dir else f"{self.path}" + (
-            f" (subfolder {self.subfolder!r})" if self.subfolder else ""
-        )
-
-    def _check_hub_id(self) -> None:
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-        try:
-            validate_repo_id(self.path)
-        except HFValidationError:
-            raise CheckpointNotFoundError(
-                f"{self.path!r} is neither a local directory nor a valid hub id"
-            ) from None
+        if self.local_dir:
+            return str(self.local_dir)
+        return self.path + (f" (subfolder {self.subfolder!r})" if self.subfolder else "")
 
     def get(self, filename: str) -> Path | None:
         if self.local_dir is not None:
             candidate = self.local_dir / filename
-            return candidate if candidate.is_file() else None
+            if not candidate.is_file():
+                if candidate.is_symlink():
+                    raise CheckpointNotFoundError(f"{candidate}: a link to a file that does not exist")
+                return None
+            check_inside(candidate, self.local_dir)
+            return candidate
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import (
-            EntryNotFoundError,
-            GatedRepoError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
 
         try:
             return Path(hf_hub_download(self.path, filename, subfolder=self.subfolder, **self.hub_kwargs))
-        except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as exc:
-            raise CheckpointNotFoundError(f"hub repository {self.path!r}: {exc}") from exc
-        except LocalEntryNotFoundError as exc:  # (a subclass of EntryNotFoundError: check it first)
-            # Not cached, and the hub was not asked (offline) or could not be reached.
-            self.not_cached = exc
-            return None
-        except EntryNotFoundError:
-            return None
+        except Exception as exc:
+            error = hub_error(exc, self.path, self.location)
+            if error is not None and is_not_cached(exc):
+                self.not_cached = error  # reported only if config.json itself is missing
+                return None
+            if error is None:
+                return None
+            raise error from exc
 
 
 def locate_checkpoint(
@@ -142,13 +560,10 @@ def locate_checkpoint(
     config_path = fetcher.get(CONFIG_NAME)
     if config_path is None:
         if fetcher.not_cached is not None:
-            raise CheckpointNotFoundError(
-                f"{CONFIG_NAME} of {fetcher.location} is not in the local Hugging Face cache and could not "
-                f"be downloaded (offline mode, or the hub is unreachable): {fetcher.not_cached}"
-            )
+            raise CheckpointNotFoundError(f"{CONFIG_NAME} of {fetcher.not_cached}")
         raise CheckpointNotFoundError(f"{CONFIG_NAME} not found in {fetcher.location}")
     tried = []
-    for filename, is_index in _candidates(variant, use_safetensors):
+    for filename, is_index in weight_candidates(variant, use_safetensors):
         tried.append(filename)
         found = fetcher.get(filename)
         if found is None:
@@ -178,159 +593,141 @@ def _variant_hint(directory: Path | None, variant: str | None) -> str:
 
 
 def _from_index(fetcher: _Fetcher, config_path: Path, index_path: Path) -> CheckpointFiles:
-    index = read_json(index_path)
-    weight_map_raw = index.get("weight_map")
-    if not isinstance(weight_map_raw, dict) or not weight_map_raw:
-        raise CorruptCheckpointError(f"{index_path}: no 'weight_map' in the index")
+    names = shard_names(read_json(index_path), str(index_path))
     shards: dict[str, Path] = {}
-    for shard_name in dict.fromkeys(weight_map_raw.values()):
+    for shard_name in dict.fromkeys(names.values()):
         shard = fetcher.get(shard_name)
         if shard is None:
             raise CheckpointNotFoundError(
                 f"shard {shard_name!r} listed in {index_path.name} is missing from {fetcher.location}"
             )
         shards[shard_name] = shard
-    weight_map = {key: shards[name] for key, name in weight_map_raw.items()}
+    weight_map = {key: shards[name] for key, name in names.items()}
     return CheckpointFiles(fetcher.location, config_path, list(shards.values()), index_path, weight_map)
 
 
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+# --- reading ------------------------------------------------------------------------------------
 
 
-def read_safetensors_header(path: Path) -> tuple[int, dict[str, dict[str, Any]], dict[str, str]]:
-    """(offset of the data section, tensor entries, metadata) of a safetensors file; reads no tensor data."""
-    try:
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) != 8:
-                raise ValueError("file is shorter than the 8-byte header length")
-            (length,) = struct.unpack("<Q", raw_len)
-            if length > _MAX_HEADER_BYTES:
-                raise ValueError(f"header length {length} is implausible")
-            raw = f.read(length)
-            if len(raw) != length:
-                raise ValueError("file ends inside the header")
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"{path}: not a valid safetensors file ({exc})") from exc
-    metadata = header.pop("__metadata__", None) or {}
-    return 8 + length, header, {str(k): str(v) for k, v in metadata.items()}
+def check_value_dtype(key: str, value: torch.Tensor | TensorInfo, expected: torch.dtype, where: str) -> None:
+    """Refuse a tensor whose kind cannot become the parameter's (integer or bool data for a float).
+
+    Casting would load it silently wrong, or fail deep inside torch with a raw error.
+    """
+    dtype = value.torch_dtype if isinstance(value, TensorInfo) else value.dtype
+    if dtype is None or not expected.is_floating_point:
+        return
+    if not dtype.is_floating_point or dtype.is_complex:
+        raise CorruptCheckpointError(
+            f"{where}: tensor {key!r} is {str(dtype).removeprefix('torch.')}, but the model's parameter is "
+            f"{str(expected).removeprefix('torch.')}: the checkpoint does not belong to this model, or it is "
+            "quantized and its config.json lost its quantization_config"
+        )
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise CorruptCheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or an aligned copy when its data does not start on a TENSOR_ALIGNMENT boundary.
+
+    safetensors hands out memory-mapped views whose start is the file offset of the tensor; kernels
+    such as ``torch._weight_int8pack_mm`` crash on such views. A copy made by torch's allocator is
+    aligned.
+    """
+    if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % TENSOR_ALIGNMENT:
+        return tensor.clone(memory_format=torch.contiguous_format)
+    return tensor
 
 
-@dataclass
 class CheckpointReader:
-    """Streams tensors of a checkpoint one at a time; never holds the whole state dict."""
+    """Streams tensors of a checkpoint one at a time; never holds the whole state dict.
 
-    files: CheckpointFiles
-    keys: list[str] = field(default_factory=list)
-    key_file: dict[str, Path] = field(default_factory=dict)
-    metadata: dict[str, str] = field(default_factory=dict)
-    _handles: dict[Path, Any] = field(default_factory=dict)
-    _stack: ExitStack = field(default_factory=ExitStack)
+    Entering reads and validates every header (no tensor data), and checks them against the index.
+    """
+
+    def __init__(self, files: CheckpointFiles) -> None:
+        self.files = files
+        self.keys: list[str] = []
+        self.key_file: dict[str, Path] = {}
+        self.metadata: dict[str, str] = {}
+        self.headers: dict[Path, WeightFileHeader] = {}
+        self._states: dict[Path, dict[str, torch.Tensor]] = {}
+        self._handles: dict[Path, Any] = {}
 
     def __enter__(self) -> CheckpointReader:
+        weight_map = self.files.weight_map
+        index = self.files.index_path
         for path in self.files.weight_files:
-            handle = self._open(path)
-            self._handles[path] = handle
-            if path.suffix == ".safetensors":
-                self.metadata.update(handle.metadata() or {})
-            for key in handle.keys():
-                if self.files.weight_map is None or self.files.weight_map.get(key) == path:
-                    self.key_file.setdefault(key, path)
-        if self.files.weight_map is not None:
-            for key, path in self.files.weight_map.items():
+            header, state = read_weight_file(path)
+            self.headers[path] = header
+            if state is not None:
+                self._states[path] = state
+            self.metadata.update(header.metadata)
+            for key in header.tensors:
+                if weight_map is None:
+                    self.key_file[key] = path
+                elif key not in weight_map:
+                    raise CorruptCheckpointError(
+                        f"{index}: does not list tensor {key!r}, which {path.name} holds"
+                    )
+                elif weight_map[key] == path:
+                    self.key_file[key] = path
+                else:
+                    raise CorruptCheckpointError(
+                        f"{index}: tensor {key!r} is mapped to {weight_map[key].name}, but {path.name} "
+                        "holds it too"
+                    )
+        if weight_map is not None:
+            for key, path in weight_map.items():
                 if key not in self.key_file:
                     raise CorruptCheckpointError(
-                        f"{self.files.index_path}: key {key!r} is mapped to {path.name}, which does not hold it"
+                        f"{index}: key {key!r} is mapped to {path.name}, which does not hold it"
                     )
         self.keys = list(self.key_file)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
         self._handles.clear()
-        self._stack.close()
+        self._states.clear()
 
-    def _open(self, path: Path) -> Any:
-        if path.suffix == ".safetensors":
+    def info(self, key: str) -> TensorInfo:
+        return self.headers[self.key_file[key]].tensors[key]
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor ``key`` on the CPU, aligned to TENSOR_ALIGNMENT bytes."""
+        path = self.key_file[key]
+        if path in self._states:
+            return aligned(self._states[path][key])
+        info = self.info(key)
+        if info.torch_dtype is None:
+            raise CorruptCheckpointError(
+                f"{path}: tensor {key!r} has dtype {info.dtype}, which torch cannot hold"
+            )
+        try:
+            tensor = self._handle(path).get_tensor(key)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CorruptCheckpointError(f"{path}: tensor {key!r} cannot be read ({exc})") from exc
+        return aligned(tensor)
+
+    def _handle(self, path: Path) -> Any:
+        if path not in self._handles:
             from safetensors import safe_open
 
             try:
-                return self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-            except Exception as exc:  # safetensors raises its own error types for bad headers
+                handle = safe_open(str(path), framework="pt", device="cpu")
+                handle.__enter__()
+            except Exception as exc:  # the header passed our checks: the file changed, or safetensors differs
                 raise CorruptCheckpointError(f"{path}: not a valid safetensors file ({exc})") from exc
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:
-            raise CorruptCheckpointError(
-                f"{path}: cannot be read with torch.load(weights_only=True) ({exc})"
-            ) from exc
-        if not isinstance(state, dict):
-            raise CorruptCheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
-        return _DictHandle(state)
-
-    def read(self, key: str) -> torch.Tensor:
-        path = self.key_file[key]
-        try:
-            return self._handles[path].get_tensor(key)
-        except Exception as exc:
-            raise CorruptCheckpointError(f"{path}: tensor {key!r} cannot be read ({exc})") from exc
+            self._handles[path] = handle
+        return self._handles[path]
 
     def dtype_and_numel(self, key: str) -> tuple[torch.dtype | None, int]:
         """A tensor's dtype and element count from the file header, without reading its data."""
-        handle = self._handles[self.key_file[key]]
-        if isinstance(handle, _DictHandle):
-            tensor = handle.state[key]
-            return tensor.dtype, tensor.numel()
-        view = handle.get_slice(key)
-        numel = 1
-        for dim in view.get_shape():
-            numel *= dim
-        return _SAFETENSORS_DTYPES.get(view.get_dtype()), numel
+        info = self.info(key)
+        return info.torch_dtype, info.numel
 
     def file_of(self, key: str) -> str:
         path = self.key_file.get(key)
         return path.name if path else "?"
-
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
-    "F8_E5M2": getattr(torch, "float8_e5m2", None),
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-class _DictHandle:
-    def __init__(self, state: dict[str, torch.Tensor]) -> None:
-        self.state = state
-
-    def keys(self) -> list[str]:
-        return list(self.state)
-
-    def get_tensor(self, key: str) -> torch.Tensor:
-        return self.state[key]
-
-    def metadata(self) -> dict[str, str]:
-        return {}

@@ -8,42 +8,28 @@ downloads a few kilobytes.
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._checkpoint import CONFIG_NAME, _candidates, locate_checkpoint, read_json, read_safetensors_header
-from ._errors import BackendError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
-from ._registry import _legacy_quant_method, install_hint, resolve_config
-
-# safetensors dtype -> the torch name users know.
-_DTYPE_NAMES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "F8_E8M0": "float8_e8m0fnu",
-    "F4": "float4_e2m1fn_x2",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U64": "uint64",
-    "U32": "uint32",
-    "U16": "uint16",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
-# A safetensors header larger than this is a corrupt length field, not a real header.
-
-
-@dataclass
-class TensorEntry:
-    dtype: str
-    elements: int
-    nbytes: int
+from ._checkpoint import (
+    CONFIG_NAME,
+    MAX_HEADER_BYTES,
+    CheckpointReader,
+    TensorInfo,
+    check_hub_id,
+    decode_json,
+    hub_error,
+    locate_checkpoint,
+    read_json,
+    read_weight_file,
+    shard_names,
+    validate_safetensors_header,
+    weight_candidates,
+)
+from ._errors import BackendError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, QcoreError
+from ._registry import install_command, quant_method_of, resolve_config
 
 
 @dataclass
@@ -93,39 +79,7 @@ class Survey:
         return asdict(self)
 
 
-def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """The tensors (dtype, element count, bytes) and metadata of a safetensors file's header."""
-    _, header, metadata = read_safetensors_header(path)
-    tensors = {}
-    try:
-        for key, info in header.items():
-            elements = 1
-            for dim in info["shape"]:
-                elements *= int(dim)
-            start, end = info["data_offsets"]
-            tensors[key] = TensorEntry(_DTYPE_NAMES.get(info["dtype"], info["dtype"]), elements, end - start)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptCheckpointError(f"{path}: not a valid safetensors file ({exc})") from exc
-    return tensors, metadata
-
-
-def _bin_tensors(path: Path) -> dict[str, TensorEntry]:
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise CorruptCheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) ({exc})") from exc
-    if not isinstance(state, dict):
-        raise CorruptCheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    return {
-        key: TensorEntry(str(t.dtype).removeprefix("torch."), t.numel(), t.numel() * t.element_size())
-        for key, t in state.items()
-    }
-
-
-def _is_hub_id(path: str) -> bool:
-    return not os.path.isdir(path)
+_ShardRaw = tuple[str, "int | None", dict[str, TensorInfo], dict[str, str]]
 
 
 def survey(
@@ -136,8 +90,12 @@ def survey(
     revision: str | None = None,
     token: str | None = None,
 ) -> Survey:
-    """Describe the checkpoint at a local directory or hub id, and whether it can be loaded here."""
-    if _is_hub_id(path) and not _hub_offline():
+    """Describe the checkpoint at a local directory or hub id, and whether it can be loaded here.
+
+    Local files go through the loader's own reader, so ``inspect`` rejects exactly what a load would.
+    """
+    is_hub_id = not os.path.isdir(path)
+    if is_hub_id and not _hub_offline():
         files = _HubFiles(path, subfolder, variant, revision, token)
         config, location = files.config(), files.location
         shards_raw, index = files.weights()
@@ -148,17 +106,15 @@ def survey(
             variant=variant,
             revision=revision,
             token=token,
-            local_files_only=_is_hub_id(path),
+            local_files_only=is_hub_id,
         )
         config, location = read_json(located.config_path), located.location
         index = located.index_path.name if located.index_path else None
-        shards_raw = []
-        for weight_file in located.weight_files:
-            if weight_file.suffix == ".safetensors":
-                tensors, metadata = parse_safetensors_header(weight_file)
-            else:
-                tensors, metadata = _bin_tensors(weight_file), {}
-            shards_raw.append((weight_file.name, weight_file.stat().st_size, tensors, metadata))
+        with CheckpointReader(located) as reader:
+            shards_raw = [
+                (path.name, path.stat().st_size, header.tensors, header.metadata)
+                for path, header in reader.headers.items()
+            ]
     return _summarize(location, config, index, shards_raw)
 
 
@@ -166,7 +122,7 @@ def _summarize(
     location: str,
     config: dict[str, Any],
     index: str | None,
-    shards_raw: list[tuple[str, int | None, dict[str, TensorEntry], dict[str, str]]],
+    shards_raw: list[_ShardRaw],
 ) -> Survey:
     shards, dtypes, metadata = [], {}, {}
     tensors = parameters = 0
@@ -176,14 +132,14 @@ def _summarize(
         for entry in entries.values():
             total = dtypes.setdefault(entry.dtype, DtypeTotal())
             total.tensors += 1
-            total.elements += entry.elements
+            total.elements += entry.numel
             total.bytes += entry.nbytes
             tensors += 1
-            parameters += entry.elements
+            parameters += entry.numel
     quant_config = config.get("quantization_config")
     quant_method = None
     if isinstance(quant_config, dict):
-        quant_method = quant_config.get("quant_method") or _legacy_quant_method(quant_config)
+        quant_method = quant_method_of(quant_config)
     library_version = config.get("_diffusers_version") or config.get("transformers_version")
     result = Survey(
         location=location,
@@ -222,7 +178,9 @@ def loadability(quant_config: Any) -> Loadability:
             False,
             backend=method,
             problem=str(exc),
-            install_hint=hint if hint and hint.startswith("pip ") else (install_hint(method) if method else None),
+            install_hint=hint
+            if hint and hint.startswith("pip ")
+            else (install_command(method) if method else None),
         )
     except ConfigError as exc:
         return Loadability(False, problem=f"config.json: invalid quantization_config: {exc}")
@@ -247,12 +205,8 @@ class _HubFiles:
         self, repo: str, subfolder: str | None, variant: str | None, revision: str | None, token: str | None
     ) -> None:
         from huggingface_hub import HfApi
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-        try:
-            validate_repo_id(repo)
-        except HFValidationError:
-            raise CheckpointNotFoundError(f"{repo!r} is neither a local directory nor a valid hub id") from None
+        check_hub_id(repo)
         self.repo, self.subfolder, self.variant = repo, subfolder or None, variant
         self.revision, self.token = revision, token
         self.api = HfApi(token=token)
@@ -261,29 +215,18 @@ class _HubFiles:
     def _path(self, filename: str) -> str:
         return f"{self.subfolder}/{filename}" if self.subfolder else filename
 
-    def _errors(self) -> tuple[type[BaseException], ...]:
-        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-        return (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError)
-
     def _download(self, filename: str) -> Path | None:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
         try:
-            return Path(hf_hub_download(self.repo, self._path(filename), revision=self.revision, token=self.token))
-        except LocalEntryNotFoundError as exc:  # before EntryNotFoundError: it is the offline case
-            raise self._unreachable(exc) from exc
-        except EntryNotFoundError:
-            return None
-        except self._errors() as exc:
-            raise CheckpointNotFoundError(f"hub repository {self.repo!r}: {exc}") from exc
-
-    def _unreachable(self, exc: BaseException) -> CheckpointNotFoundError:
-        return CheckpointNotFoundError(
-            f"cannot read {self.location} from the hub and it is not in the local cache "
-            f"({type(exc).__name__}: {exc}); check the network, or pass a local directory"
-        )
+            return Path(
+                hf_hub_download(self.repo, self._path(filename), revision=self.revision, token=self.token)
+            )
+        except Exception as exc:
+            error = hub_error(exc, self.repo, self.location)
+            if error is None:
+                return None
+            raise error from exc
 
     def config(self) -> dict[str, Any]:
         path = self._download(CONFIG_NAME)
@@ -291,55 +234,74 @@ class _HubFiles:
             raise CheckpointNotFoundError(f"{CONFIG_NAME} not found in {self.location}")
         return read_json(path)
 
-    def weights(self) -> tuple[list[tuple[str, int | None, dict[str, TensorEntry], dict[str, str]]], str | None]:
-        from ._errors import QcoreError
-
+    def weights(self) -> tuple[list[_ShardRaw], str | None]:
         try:
             return self._weights()
         except QcoreError:
             raise
-        except self._errors() as exc:
-            raise CheckpointNotFoundError(f"hub repository {self.repo!r}: {exc}") from exc
-        except Exception as exc:  # network and HTTP errors of whichever client huggingface_hub uses
-            raise self._unreachable(exc) from exc
+        except Exception as exc:  # hub and network errors of whichever client huggingface_hub uses
+            raise (hub_error(exc, self.repo, self.location) or CheckpointNotFoundError(str(exc))) from exc
 
-    def _weights(self) -> tuple[list[tuple[str, int | None, dict[str, TensorEntry], dict[str, str]]], str | None]:
-        present = {
-            info.path: getattr(info, "size", None)
-            for info in self.api.get_paths_info(
-                self.repo, [self._path(name) for name, _ in _candidates(self.variant, None)], revision=self.revision
-            )
-        }
-        for filename, is_index in _candidates(self.variant, None):
+    def _sizes(self, names: list[str]) -> dict[str, int | None]:
+        infos = self.api.get_paths_info(self.repo, [self._path(n) for n in names], revision=self.revision)
+        return {info.path: getattr(info, "size", None) for info in infos}
+
+    def _weights(self) -> tuple[list[_ShardRaw], str | None]:
+        candidates = weight_candidates(self.variant, None)
+        present = self._sizes([name for name, _ in candidates])
+        for filename, is_index in candidates:
             if self._path(filename) not in present:
                 continue
             if not is_index:
                 return [self._header(filename, present[self._path(filename)])], None
             index_path = self._download(filename)
-            assert index_path is not None
-            weight_map = read_json(index_path).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CorruptCheckpointError(f"{filename} in {self.location}: no 'weight_map' in the index")
-            names = list(dict.fromkeys(weight_map.values()))
-            sizes = {
-                info.path: getattr(info, "size", None)
-                for info in self.api.get_paths_info(self.repo, [self._path(n) for n in names], revision=self.revision)
-            }
+            if index_path is None:
+                raise CheckpointNotFoundError(f"{filename} not found in {self.location}")
+            names = list(
+                dict.fromkeys(shard_names(read_json(index_path), f"{filename} in {self.location}").values())
+            )
+            sizes = self._sizes(names)
             return [self._header(name, sizes.get(self._path(name))) for name in names], filename
         raise CheckpointNotFoundError(f"no weights in {self.location}")
 
-    def _header(
-        self, filename: str, size: int | None
-    ) -> tuple[str, int | None, dict[str, TensorEntry], dict[str, str]]:
-        if filename.endswith(".bin"):
-            path = self._download(filename)  # pickles have no header: the whole file is needed
-            assert path is not None
-            return filename, path.stat().st_size, _bin_tensors(path), {}
-        parsed = self.api.parse_safetensors_file_metadata(self.repo, self._path(filename), revision=self.revision)
-        tensors = {
-            key: TensorEntry(
-                _DTYPE_NAMES.get(info.dtype, info.dtype), info.parameter_count, info.data_offsets[1] - info.data_offsets[0]
+    def _header(self, filename: str, size: int | None) -> _ShardRaw:
+        if filename.endswith(".bin"):  # pickles have no header: the whole file is needed
+            path = self._download(filename)
+            if path is None:
+                raise CheckpointNotFoundError(f"{filename} not found in {self.location}")
+            header, _ = read_weight_file(path)
+            return filename, path.stat().st_size, header.tensors, header.metadata
+        where = Path(f"{self.location}: {filename}")
+        length, raw = self._header_bytes(filename, where)
+        parsed = decode_json(raw, f"{where}: not a valid safetensors file, header")
+        data_size = None if size is None else size - 8 - length
+        header = validate_safetensors_header(parsed, where, 8 + length, data_size)
+        return filename, size, header.tensors, header.metadata
+
+    def _header_bytes(self, filename: str, where: Path) -> tuple[int, bytes]:
+        """The header of a hub safetensors file, by HTTP range requests (the first 100 kB, then the rest)."""
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        url = hf_hub_url(self.repo, self._path(filename), revision=self.revision, endpoint=self.api.endpoint)
+        headers = build_hf_headers(token=self.token)
+
+        def fetch(first: int, last: int) -> bytes:
+            response = get_session().get(
+                url, headers={**headers, "range": f"bytes={first}-{last}"}, timeout=30
             )
-            for key, info in parsed.tensors.items()
-        }
-        return filename, size, tensors, dict(parsed.metadata or {})
+            hf_raise_for_status(response)
+            return response.content
+
+        head = fetch(0, 100_000)
+        if len(head) < 8:
+            raise CorruptCheckpointError(f"{where}: not a valid safetensors file (shorter than 8 bytes)")
+        (length,) = struct.unpack("<Q", head[:8])
+        if length > MAX_HEADER_BYTES:
+            raise CorruptCheckpointError(f"{where}: not a valid safetensors file (header length {length})")
+        raw = head[8 : 8 + length] if length <= len(head) - 8 else fetch(8, length + 7)
+        if len(raw) != length:
+            raise CorruptCheckpointError(
+                f"{where}: not a valid safetensors file (the file ends inside the header)"
+            )
+        return length, raw

@@ -142,11 +142,34 @@ def _check_backend(backend: Backend, distribution: str | None) -> None:
     validate_quantizer_class(backend.quantizer_class, backend.quant_method, distribution)
 
 
+# PEP 508 distribution names: only such a name may be turned into a command for the user to run.
+_DISTRIBUTION_NAME = re.compile(r"^([A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9])$", re.IGNORECASE)
+
+
+def install_command(quant_method: str) -> str | None:
+    """``pip install qcore-<name>`` for a quant_method that can be a distribution name, else None.
+
+    quant_method comes from untrusted checkpoints: ``x; curl ... | sh`` must never become a hint.
+    """
+    if quant_method in _INSTALL_HINTS:
+        return _INSTALL_HINTS[quant_method]
+    if not _DISTRIBUTION_NAME.match(quant_method):
+        return None
+    return f"pip install qcore-{quant_method}"
+
+
 def install_hint(quant_method: str) -> str:
-    return _INSTALL_HINTS.get(
-        quant_method,
-        f"pip install qcore-{quant_method} (or any distribution with an entry point named "
-        f"{quant_method!r} in the group {ENTRY_POINT_GROUP!r})",
+    command = install_command(quant_method)
+    if command is None:
+        return (
+            "no backend can provide it, as it is not a valid distribution name; the checkpoint's "
+            "quantization_config is corrupt or not meant for qcore"
+        )
+    if quant_method in _INSTALL_HINTS:
+        return command
+    return (
+        f"{command} (or any distribution with an entry point named {quant_method!r} in the group "
+        f"{ENTRY_POINT_GROUP!r})"
     )
 
 
@@ -239,13 +262,18 @@ def available_backends() -> list[BackendInfo]:
             infos.append(BackendInfo(ep.name, dist, version, "failed", error=str(exc)))
         else:
             infos.append(
-                BackendInfo(ep.name, backend.distribution, backend.version, "ok", backend.config_class.__qualname__)
+                BackendInfo(
+                    ep.name, backend.distribution, backend.version, "ok", backend.config_class.__qualname__
+                )
             )
     return sorted(infos, key=lambda info: (info.quant_method, info.distribution or ""))
 
 
-def _legacy_quant_method(config: Mapping[str, Any]) -> str | None:
-    # transformers-era bitsandbytes configs carry load_in_4bit/8bit but no quant_method.
+def quant_method_of(config: Mapping[str, Any]) -> str | None:
+    """A quantization_config's quant_method, including transformers-era bitsandbytes configs that
+    carry load_in_4bit/8bit but no quant_method."""
+    if config.get("quant_method"):
+        return str(config["quant_method"])
     if any(config.get(k) for k in ("load_in_4bit", "load_in_8bit", "_load_in_4bit", "_load_in_8bit")):
         return "bitsandbytes"
     return None
@@ -263,7 +291,7 @@ def resolve_config(config: QuantizationConfig | Mapping[str, Any]) -> tuple[Quan
             )
         return config, backend
     if isinstance(config, Mapping):
-        quant_method = config.get("quant_method") or _legacy_quant_method(config)
+        quant_method = quant_method_of(config)
         if not quant_method:
             raise ConfigError(
                 f"quantization_config {dict(config)!r} has no 'quant_method'", option="quant_method"

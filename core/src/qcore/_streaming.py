@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ._checkpoint import _SAFETENSORS_DTYPES, CheckpointReader, read_safetensors_header
+from ._checkpoint import CheckpointReader
 from ._errors import CorruptCheckpointError
-
 
 
 def _setting(name: str, default: int) -> int:
@@ -39,19 +38,16 @@ class _TensorSpan:
 
 
 def _spans(reader: CheckpointReader, keys: Sequence[str]) -> dict[str, _TensorSpan]:
-    headers: dict[Path, tuple[int, dict[str, dict]]] = {}
     spans = {}
     for key in keys:
-        path = reader.key_file[key]
-        if path not in headers:
-            headers[path] = read_safetensors_header(path)[:2]
-        base, entries = headers[path]
-        entry = entries[key]
-        begin, end = entry["data_offsets"]
-        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise CorruptCheckpointError(f"{path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
-        spans[key] = _TensorSpan(path, base + begin, end - begin, dtype, tuple(entry["shape"]))
+        info = reader.info(key)  # validated when the reader opened the file
+        if info.torch_dtype is None or info.offset is None:
+            raise CorruptCheckpointError(
+                f"{reader.key_file[key]}: tensor {key!r} has dtype {info.dtype}, which torch cannot hold"
+            )
+        spans[key] = _TensorSpan(
+            reader.key_file[key], info.offset, info.nbytes, info.torch_dtype, info.torch_shape
+        )
     return spans
 
 
@@ -128,7 +124,9 @@ class _CudaPipeline:
                 index, off, nbytes = pieces.popleft()
                 span = spans[index][0]
                 slot = free.pop()
-                future = self.pool.submit(self._read, slot, self._fd(span.path), span.start + off, nbytes, span.path)
+                future = self.pool.submit(
+                    self._read, slot, self._fd(span.path), span.start + off, nbytes, span.path
+                )
                 reading.append((index, off, nbytes, slot, future))
 
         submit()

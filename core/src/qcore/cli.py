@@ -75,11 +75,16 @@ not at all.
 def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
         help="log what qcore does (INFO level) to stderr",
     )
     common.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS,
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
         help="log everything (DEBUG level) and print the traceback of an error",
     )
     return common
@@ -111,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument(
-        "--check", action="store_true",
+        "--check",
+        action="store_true",
         help="exit with status 1 when any backend failed to load (for CI and install scripts)",
     )
     p.set_defaults(func=cmd_backends)
@@ -125,9 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         "parameter count, bytes by dtype, and whether an installed backend can load it. Exits "
         "with status 1, printing the install hint, when no installed backend can.",
     )
-    p.add_argument("path", metavar="PATH_OR_HUB_ID", help="a local checkpoint directory or a hub repository id")
+    p.add_argument(
+        "path", metavar="PATH_OR_HUB_ID", help="a local checkpoint directory or a hub repository id"
+    )
     p.add_argument("--subfolder", help="the model's folder inside a pipeline repository (e.g. transformer)")
-    p.add_argument("--variant", help="weight file variant, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors")
+    p.add_argument(
+        "--variant", help="weight file variant, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors"
+    )
     p.add_argument("--revision", help="hub branch, tag or commit (default: main)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     p.set_defaults(func=cmd_inspect)
@@ -144,13 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", metavar="SRC", help="unquantized checkpoint: local directory or hub id")
     p.add_argument("dst", metavar="DST", help="output directory for the pre-quantized checkpoint")
-    p.add_argument("--method", required=True, metavar="NAME", help="quant_method of an installed backend (see 'qcore backends')")
     p.add_argument(
-        "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+        "--method",
+        required=True,
+        metavar="NAME",
+        help="quant_method of an installed backend (see 'qcore backends')",
+    )
+    p.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="a quantization config option, repeatable (see the backend's config class for the options)",
     )
     p.add_argument(
-        "--model", metavar="MODULE:CLASS",
+        "--model",
+        metavar="MODULE:CLASS",
         help="model class to build, e.g. diffusers:FluxTransformer2DModel or mypkg.models:Net "
         "(default: config.json's _class_name looked up in diffusers); the current directory is "
         "importable",
@@ -159,20 +179,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", help="weight file variant of SRC to read (e.g. fp16)")
     p.add_argument("--revision", help="hub branch, tag or commit of SRC (default: main)")
     p.add_argument(
-        "--torch-dtype", metavar="DTYPE",
+        "--torch-dtype",
+        metavar="DTYPE",
         help="dtype of the parameters that stay unquantized, e.g. bfloat16 (default: SRC's dtype)",
     )
     p.add_argument(
-        "--device-map", metavar="MAP",
+        "--device-map",
+        metavar="MAP",
         help="where to quantize: cpu, cuda, cuda:1 or auto (default: cpu); some backends need a GPU",
     )
     p.add_argument(
-        "--max-shard-size", default="10GB", metavar="SIZE",
+        "--max-shard-size",
+        default="10GB",
+        metavar="SIZE",
         help="largest safetensors shard written, e.g. 5GB or 500MB (default: 10GB)",
     )
     p.add_argument("--output-variant", metavar="VARIANT", help="variant name for the written weight files")
     p.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="replace a checkpoint already in DST (other files there are kept)",
     )
     p.set_defaults(func=cmd_quantize)
@@ -205,6 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if isinstance(exc, QcoreError):
             return _report(str(exc), EXIT_ERROR, debug)
+        if isinstance(exc, OSError):  # the environment (permissions, a full disk), not a bug
+            where = f"{exc.filename}: " if exc.filename else ""
+            return _report(f"{where}{exc.strerror or exc}", EXIT_ERROR, debug)
         hint = "" if debug else " (rerun with --debug for the traceback)"
         return _report(f"unexpected {type(exc).__name__}: {exc}{hint}", EXIT_INTERNAL, debug)
     finally:
@@ -214,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _setup_logging(debug: bool, verbose: bool) -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("qcore: %(levelname)s: %(message)s"))
+    handler.setFormatter(_EscapingFormatter("qcore: %(levelname)s: %(message)s"))
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     handler.setLevel(level)
     logger.addHandler(handler)
@@ -223,12 +251,33 @@ def _setup_logging(debug: bool, verbose: bool) -> logging.Handler:
     return handler
 
 
+class _EscapingFormatter(logging.Formatter):
+    """Log lines with checkpoint strings escaped (see :func:`escaped`); line breaks are kept."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(escaped(line) for line in super().format(record).split("\n"))
+
+
 def _report(message: str, code: int, debug: bool) -> int:
     if debug:
         traceback.print_exc(file=sys.stderr)
     # One line: scripts grep it, and a multi-line message would be cut by `head -1`.
-    print(f"qcore: error: {' '.join(message.split())}", file=sys.stderr)
+    print(f"qcore: error: {escaped(' '.join(message.split()))}", file=sys.stderr)
     return code
+
+
+def escaped(text: str) -> str:
+    """``text`` with every control or invisible character written as an escape (``\\x1b``).
+
+    Checkpoint strings are untrusted: raw escape codes could rewrite the terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+def _say(line: str) -> None:
+    print(escaped(line))
 
 
 def _print_json(data: Any) -> None:
@@ -277,8 +326,8 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
     # The last column (status and reason) is not padded: it may be long.
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
     for row in [header, *rows]:
-        cells = [str(cell).ljust(width) for cell, width in zip(row, widths)] + [str(row[-1])]
-        print("  ".join(cells))
+        cells = [str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)] + [str(row[-1])]
+        _say("  ".join(cells))
 
 
 # --- qcore inspect ------------------------------------------------------------------------------
@@ -312,36 +361,44 @@ def _size(n: int | None) -> str:
 
 
 def _print_survey(s: Any) -> None:
-    print(f"checkpoint    {s.location}")
+    _say(f"checkpoint    {s.location}")
     if s.class_name:
-        print(f"class         {s.class_name}" + (f" (saved with version {s.library_version})" if s.library_version else ""))
+        _say(
+            f"class         {s.class_name}"
+            + (f" (saved with version {s.library_version})" if s.library_version else "")
+        )
     if s.quant_method is None:
-        print("quantization  none (an unquantized checkpoint: quantize on load or with 'qcore quantize')")
+        _say("quantization  none (an unquantized checkpoint: quantize on load or with 'qcore quantize')")
     else:
-        print(f"quantization  {s.quant_method}")
+        _say(f"quantization  {s.quant_method}")
         for key, value in sorted((s.quantization_config or {}).items()):
             if key != "quant_method":
-                print(f"  {key} = {json.dumps(value)}")
+                _say(f"  {key} = {json.dumps(value)}")
         if s.pre_quantization_dtype:
-            print(f"  (quantized from {s.pre_quantization_dtype})")
+            _say(f"  (quantized from {s.pre_quantization_dtype})")
         load = s.load
         if load.loadable:
-            source = f"{load.distribution} {load.version}" if load.distribution else "an in-process registration"
-            print(f"backend       ok: {source}, config class {load.config_class}")
+            source = (
+                f"{load.distribution} {load.version}" if load.distribution else "an in-process registration"
+            )
+            _say(f"backend       ok: {source}, config class {load.config_class}")
         else:
-            print(f"backend       NOT LOADABLE: {load.problem}")
+            _say(f"backend       NOT LOADABLE: {load.problem}")
             if load.install_hint:
-                print(f"  install: {load.install_hint}")
+                _say(f"  install: {load.install_hint}")
     total = sum(sh.size or 0 for sh in s.shards)
     index = f", index {s.index}" if s.index else ""
-    print(f"files         {len(s.shards)} weight file(s), {_size(total)}{index}")
+    _say(f"files         {len(s.shards)} weight file(s), {_size(total)}{index}")
     for sh in s.shards:
-        print(f"  {sh.name}  {sh.tensors} tensors, {_size(sh.size)}")
-    print(f"parameters    {s.parameters:,} elements in {s.tensors} tensors")
-    print("by dtype")
+        _say(f"  {sh.name}  {sh.tensors} tensors, {_size(sh.size)}")
+    _say(f"parameters    {s.parameters:,} elements in {s.tensors} tensors")
+    _say("by dtype")
     width = max((len(name) for name in s.dtypes), default=0)
     for name, total_ in s.dtypes.items():
-        print(f"  {name.ljust(width)}  {_size(total_.bytes):>9}  {total_.elements:,} elements in {total_.tensors} tensors")
+        _say(
+            f"  {name.ljust(width)}  {_size(total_.bytes):>9}  {total_.elements:,} elements in "
+            f"{total_.tensors} tensors"
+        )
 
 
 # --- qcore quantize -----------------------------------------------------------------------------
@@ -406,7 +463,9 @@ def _import_model_class(spec: str) -> type:
 def _detect_model_class(config: dict[str, Any], where: str) -> type:
     class_name = config.get("_class_name")
     if not class_name:
-        raise _Failure(f"{where}: config.json has no _class_name; pass the model class with --model MODULE:CLASS")
+        raise _Failure(
+            f"{where}: config.json has no _class_name; pass the model class with --model MODULE:CLASS"
+        )
     try:
         diffusers = importlib.import_module("diffusers")
     except ImportError:
@@ -436,7 +495,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     dst = Path(args.dst)
     if (dst / CONFIG_NAME).exists() and not args.overwrite:
-        raise _Failure(f"{dst} already holds a checkpoint; pass --overwrite to replace it, or choose another DST")
+        raise _Failure(
+            f"{dst} already holds a checkpoint; pass --overwrite to replace it, or choose another DST"
+        )
     if dst.exists() and not dst.is_dir():
         raise _Failure(f"{dst} exists and is not a directory")
 
@@ -448,7 +509,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         )
     config = backend.config_class.from_dict({**settings, "quant_method": args.method})
 
-    files = locate_checkpoint(args.src, subfolder=args.subfolder, variant=args.variant, revision=args.revision)
+    files = locate_checkpoint(
+        args.src, subfolder=args.subfolder, variant=args.variant, revision=args.revision
+    )
     src_config = read_json(files.config_path)
     existing = src_config.get("quantization_config")
     if existing is not None:
@@ -460,7 +523,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if model_cls is None:
         model_cls = _detect_model_class(src_config, files.location)
 
-    print(f"quantizing {files.location} ({model_cls.__name__}) with {args.method!r} -> {dst}", file=sys.stderr)
+    print(
+        escaped(f"quantizing {files.location} ({model_cls.__name__}) with {args.method!r} -> {dst}"),
+        file=sys.stderr,
+    )
     model = from_pretrained(
         model_cls,
         args.src,
@@ -473,10 +539,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     save_pretrained(model, dst, max_shard_size=args.max_shard_size, variant=args.output_variant)
     src_bytes = sum(path.stat().st_size for path in files.weight_files)
-    out_bytes = sum(
-        path.stat().st_size for path in dst.iterdir() if path.suffix in (".safetensors", ".bin")
-    )
-    print(f"saved {dst}: {_size(out_bytes)} of weights (from {_size(src_bytes)})")
+    out_bytes = sum(path.stat().st_size for path in dst.iterdir() if path.suffix in (".safetensors", ".bin"))
+    _say(f"saved {dst}: {_size(out_bytes)} of weights (from {_size(src_bytes)})")
     return EXIT_OK
 
 
