@@ -31,7 +31,7 @@ from ._errors import (
     ShapeMismatchError,
     UnexpectedKeysError,
 )
-from ._model import guard_dtype_casts, make_model, record_load
+from ._model import family_of, guard_dtype_casts, make_model, record_load
 from ._plugins import make_plugin_manager, resolve_hook
 from ._quantizer import Quantizer, module_matches
 from ._registry import resolve_config
@@ -100,8 +100,8 @@ def from_pretrained(
         clock.lap("prepare")
         model = build_skeleton(model_cls, config)                                             # 3
         clock.lap("skeleton")
-        keep_fp32 = keep_in_fp32(model, quant, keep_in_fp32_modules)
         load_dtype = torch_dtype or _dominant_float_dtype(reader)
+        keep_fp32 = keep_in_fp32(model, quant, keep_in_fp32_modules, load_dtype)
         device_map = preprocess(model, quant, load_dtype, device_map, max_memory, keep_fp32)  # 4
         clock.lap("preprocess")
         load_weights(model, reader, quant, torch_dtype, device_map, keep_fp32)               # 5
@@ -197,11 +197,14 @@ def build_skeleton(model_cls: type[M], config: Mapping[str, Any]) -> M:
 
 
 def keep_in_fp32(
-    model: torch.nn.Module, quant: _Quantization | None, requested: Sequence[str] | None
+    model: torch.nn.Module,
+    quant: _Quantization | None,
+    requested: Sequence[str] | None,
+    torch_dtype: torch.dtype | None = None,
 ) -> list[str]:
     if requested is not None:
         return list(requested)
-    declared = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    declared = family_of(model).fp32_modules(model, torch_dtype)
     if quant is not None and not quant.quantizer.use_keep_in_fp32_modules:
         return []
     return declared
@@ -219,7 +222,10 @@ def preprocess(
         model.is_quantized = True
         model.quantization_method = quant.quantizer.quant_method
         quant.hooks.preprocess_model(
-            quantizer=quant.quantizer, model=model, device_map=device_map, keep_in_fp32_modules=keep_fp32
+            quantizer=quant.quantizer,
+            model=model,
+            device_map=device_map,
+            keep_in_fp32_modules=[*keep_fp32, *family_of(model).modules_to_not_convert(model)],
         )
     return resolve_device_map(model, quant, torch_dtype, device_map, max_memory)
 
@@ -383,6 +389,7 @@ def load_weights(
     progress.close()
 
     missing = [name for name in expected if name not in loaded]
+    missing = family_of(model).tie_weights(model, missing)
     if quant is not None:
         missing = quant.hooks.update_missing_keys(
             quantizer=quant.quantizer, model=model, missing_keys=missing, prefix=""

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from ._errors import DtypeCastError, QcoreError
+from ._errors import ConfigError, DtypeCastError, QcoreError
 
 
 def _is_diffusers_model(obj: Any) -> bool:
+    return _has_base(obj, "diffusers.", "ModelMixin")
+
+
+def _is_transformers_model(obj: Any) -> bool:
+    return _has_base(obj, "transformers.", "PreTrainedModel")
+
+
+def _has_base(obj: Any, module_prefix: str, name: str) -> bool:
     cls = obj if isinstance(obj, type) else type(obj)
-    return any(c.__module__.startswith("diffusers.") and c.__name__ == "ModelMixin" for c in cls.__mro__)
+    return any(c.__module__.startswith(module_prefix) and c.__name__ == name for c in cls.__mro__)
 
 
 def init_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -20,25 +30,195 @@ def init_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if not k.startswith("_") and k != "quantization_config"}
 
 
+class ModelFamily:
+    """What qcore needs to know of the models of one library: how to build one from its config.json,
+    what its config.json holds, how its files are named, which modules it keeps unquantized or in
+    float32, and how its tied weights are tied. This base class answers for plain ``nn.Module``
+    classes and ``qcore.ModelMixin``; diffusers and transformers models have their own family."""
+
+    name = "torch"
+    weights_name = "diffusion_pytorch_model.safetensors"
+    bin_weights_name = "diffusion_pytorch_model.bin"
+
+    def build(self, model_cls: type[torch.nn.Module], config: Mapping[str, Any]) -> torch.nn.Module:
+        from_config = getattr(model_cls, "from_config", None)
+        if callable(from_config):
+            return from_config(init_config(config))
+        return model_cls(**init_config(config))
+
+    def config_dict(self, model: torch.nn.Module) -> dict[str, Any]:
+        config = getattr(model, "config", None)
+        return {"_class_name": type(model).__name__, **(dict(config) if isinstance(config, Mapping) else {})}
+
+    def record_load(self, model: torch.nn.Module, entries: Mapping[str, Any]) -> None:
+        register = getattr(model, "register_to_config", None)  # qcore.ModelMixin
+        if callable(register):
+            register(**entries)
+
+    def fp32_modules(self, model: torch.nn.Module, torch_dtype: torch.dtype | None) -> list[str]:
+        """Modules whose floating weights load in float32 (the class's ``_keep_in_fp32_modules``)."""
+        return list(getattr(model, "_keep_in_fp32_modules", None) or [])
+
+    def modules_to_not_convert(self, model: torch.nn.Module) -> list[str]:
+        """Modules the library's own quantizers leave unquantized beyond the float32 ones."""
+        return []
+
+    def tie_weights(self, model: torch.nn.Module, missing: list[str]) -> list[str]:
+        """Tie the model's tied weights after loading; returns the keys still missing."""
+        return missing
+
+    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors to save (a tied weight once)."""
+        return model.state_dict()
+
+
+class DiffusersFamily(ModelFamily):
+    name = "diffusers"
+
+    def build(self, model_cls: type[torch.nn.Module], config: Mapping[str, Any]) -> torch.nn.Module:
+        return model_cls.from_config(dict(config))  # type: ignore[attr-defined]
+
+    def config_dict(self, model: torch.nn.Module) -> dict[str, Any]:
+        return json.loads(model.to_json_string())  # type: ignore[operator]
+
+    def record_load(self, model: torch.nn.Module, entries: Mapping[str, Any]) -> None:
+        model.register_to_config(**entries)  # type: ignore[operator]
+
+
+class TransformersFamily(ModelFamily):
+    """transformers ``PreTrainedModel`` classes (``T5EncoderModel``, ``CLIPTextModel``, ...): config from
+    the class's ``config_class``, ``model.safetensors`` files, transformers' own choice of modules kept
+    unquantized (tied and output embeddings, the last module, ``_keep_in_fp32_modules``) and its float32
+    rule (``_keep_in_fp32_modules`` in float16 loads, ``_keep_in_fp32_modules_strict`` in 16-bit loads)."""
+
+    name = "transformers"
+    weights_name = "model.safetensors"
+    bin_weights_name = "pytorch_model.bin"
+
+    def build(self, model_cls: type[torch.nn.Module], config: Mapping[str, Any]) -> torch.nn.Module:
+        config_class = model_cls.config_class  # type: ignore[attr-defined]
+        quantization_keys = ("quantization_config", "_pre_quantization_dtype")
+        fields = {k: v for k, v in config.items() if k not in quantization_keys}
+        return model_cls(config_class.from_dict(fields))
+
+    def config_dict(self, model: torch.nn.Module) -> dict[str, Any]:
+        config = model.config  # type: ignore[attr-defined]
+        data = config.to_diff_dict()
+        data.pop("quantization_config", None)
+        data.pop("_pre_quantization_dtype", None)
+        data = json.loads(json.dumps(data))
+        data["architectures"] = [type(model).__name__]
+        data.pop("_name_or_path", None)
+        return data
+
+    def record_load(self, model: torch.nn.Module, entries: Mapping[str, Any]) -> None:
+        config = model.config  # type: ignore[attr-defined]
+        for key, value in entries.items():
+            setattr(config, key, value)
+        if entries.get("quantization_config") is not None:
+            config._is_quantized = True
+
+    def fp32_modules(self, model: torch.nn.Module, torch_dtype: torch.dtype | None) -> list[str]:
+        modules: list[str] = []
+        if torch_dtype == torch.float16:
+            modules += getattr(model, "_keep_in_fp32_modules", None) or []
+        if torch_dtype in (torch.float16, torch.bfloat16):
+            modules += getattr(model, "_keep_in_fp32_modules_strict", None) or []
+        return sorted(set(modules))
+
+    def modules_to_not_convert(self, model: torch.nn.Module) -> list[str]:
+        from transformers.quantizers.base import get_keys_to_not_convert
+
+        declared = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        return sorted(set(get_keys_to_not_convert(model)) | set(declared))
+
+    def tie_weights(self, model: torch.nn.Module, missing: list[str]) -> list[str]:
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        if not tied:
+            return missing
+        model.tie_weights(missing_keys=set(missing), recompute_mapping=False)  # type: ignore[operator]
+        parameters = model.state_dict(keep_vars=True)
+        return [name for name in missing if name not in parameters or parameters[name].is_meta]
+
+    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        # As transformers saves: the target of a tie is left out, its source holds the tensor.
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        state = model.state_dict()
+        return {k: v for k, v in state.items() if not (k in tied and tied[k] in state)}
+
+
+_FAMILIES = (DiffusersFamily(), TransformersFamily())
+_PLAIN = ModelFamily()
+
+
+def family_of(obj: Any) -> ModelFamily:
+    """The family of a model class or instance."""
+    if _is_diffusers_model(obj):
+        return _FAMILIES[0]
+    if _is_transformers_model(obj):
+        return _FAMILIES[1]
+    return _PLAIN
+
+
+# Keyword arguments of diffusers' and transformers' save_pretrained that change nothing in what qcore writes.
+_SAVE_NO_OPS = frozenset({"save_function", "use_flashpack", "save_peft_format", "save_original_format"})
+_HUB_OPTIONS = ("repo_id", "commit_message", "private", "create_pr", "token")
+
+
+def save_with_qcore(
+    self: torch.nn.Module,
+    save_directory: str | os.PathLike[str],
+    is_main_process: bool = True,
+    *,
+    safe_serialization: bool = True,
+    variant: str | None = None,
+    max_shard_size: int | str | None = None,
+    push_to_hub: bool = False,
+    **kwargs: Any,
+) -> None:
+    """``save_pretrained`` of a diffusers or transformers model that qcore loaded quantized: writes what
+    :func:`qcore.save_pretrained` writes (the library's own method refuses quantized models), and with
+    ``push_to_hub=True`` uploads that directory as the library would."""
+    from ._saving import save_pretrained
+
+    hub = {key: kwargs.pop(key) for key in _HUB_OPTIONS if key in kwargs}
+    unknown = sorted(set(kwargs) - _SAVE_NO_OPS)
+    if unknown:
+        raise ConfigError(
+            f"save_pretrained of a qcore-quantized {type(self).__name__} does not take {', '.join(unknown)}; "
+            "it takes safe_serialization, variant, max_shard_size and push_to_hub (with repo_id, "
+            "commit_message, private, create_pr, token)",
+            option=unknown[0],
+        )
+    if not is_main_process:
+        return
+    options: dict[str, Any] = {"safe_serialization": safe_serialization, "variant": variant}
+    if max_shard_size is not None:
+        options["max_shard_size"] = max_shard_size
+    save_pretrained(self, save_directory, **options)
+    if push_to_hub:
+        from huggingface_hub import create_repo, upload_folder
+
+        token = hub.get("token")
+        repo_id = hub.get("repo_id") or os.fspath(save_directory).rstrip(os.sep).split(os.sep)[-1]
+        repo_id = create_repo(repo_id, exist_ok=True, private=hub.get("private"), token=token).repo_id
+        upload_folder(
+            repo_id=repo_id,
+            folder_path=os.fspath(save_directory),
+            token=token,
+            commit_message=hub.get("commit_message") or "Upload qcore-quantized model",
+            create_pr=hub.get("create_pr", False),
+        )
+
+
 def make_model(model_cls: type[torch.nn.Module], config: Mapping[str, Any]) -> torch.nn.Module:
     """Build ``model_cls`` from its config.json (the caller chooses the init context)."""
-    from_config = getattr(model_cls, "from_config", None)
-    if callable(from_config):
-        return (
-            from_config(dict(config)) if _is_diffusers_model(model_cls) else from_config(init_config(config))
-        )
-    return model_cls(**init_config(config))
+    return family_of(model_cls).build(model_cls, config)
 
 
 def model_config_dict(model: torch.nn.Module) -> dict[str, Any]:
     """The model's config.json content, without quantization fields."""
-    if _is_diffusers_model(model):
-        import json
-
-        data = json.loads(model.to_json_string())  # type: ignore[operator]
-    else:
-        config = getattr(model, "config", None)
-        data = {"_class_name": type(model).__name__, **(dict(config) if isinstance(config, Mapping) else {})}
+    data = family_of(model).config_dict(model)
     data.pop("quantization_config", None)
     data.pop("_pre_quantization_dtype", None)
     return data
@@ -46,9 +226,7 @@ def model_config_dict(model: torch.nn.Module) -> dict[str, Any]:
 
 def record_load(model: torch.nn.Module, **entries: Any) -> None:
     """Store load facts (quantization_config, _pre_quantization_dtype, _name_or_path) in model.config."""
-    register = getattr(model, "register_to_config", None)  # diffusers models and qcore.ModelMixin
-    if callable(register):
-        register(**entries)
+    family_of(model).record_load(model, entries)
 
 
 class CastGuard:
@@ -101,7 +279,13 @@ def guard_dtype_casts(model: torch.nn.Module) -> None:
         _guarded_classes[cls] = type(
             cls.__name__,
             (CastGuard, cls),
-            {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_qcore_unguarded": cls},
+            {
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "_qcore_unguarded": cls,
+                # diffusers' and transformers' own save_pretrained refuse quantized models.
+                **({"save_pretrained": save_with_qcore} if family_of(cls) is not _PLAIN else {}),
+            },
         )
     model.__class__ = _guarded_classes[cls]
 

@@ -21,7 +21,7 @@ import torch
 
 from ._checkpoint import BIN_WEIGHTS_NAME, CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, add_variant
 from ._errors import SerializationError
-from ._model import model_config_dict
+from ._model import family_of, model_config_dict
 from ._quantizer import Quantizer
 
 logger = logging.getLogger("qcore")
@@ -42,7 +42,7 @@ def save_pretrained(
     """Save ``model`` (quantized or not) in diffusers' layout, readable by qcore and diffusers."""
     quantizer = getattr(model, "hf_quantizer", None)
     hooks = getattr(quantizer, "hooks", None) if isinstance(quantizer, Quantizer) else None
-    state_dict: dict[str, torch.Tensor] = model.state_dict()
+    state_dict: dict[str, torch.Tensor] = family_of(model).state_dict(model)
     metadata: dict[str, str] = {}
     config = model_config_dict(model)
     if hooks is not None:
@@ -60,7 +60,9 @@ def save_pretrained(
             config["_pre_quantization_dtype"] = str(quantizer.pre_quantization_dtype).removeprefix("torch.")
     with _atomic_directory(Path(save_directory)) as tmp:
         _write_json(tmp / CONFIG_NAME, config)
-        _write_weights(tmp, state_dict, metadata, max_shard_size, variant, safe_serialization)
+        family = family_of(model)
+        names = (family.weights_name, family.bin_weights_name)
+        _write_weights(tmp, state_dict, metadata, max_shard_size, variant, safe_serialization, names)
 
 
 def _write_weights(
@@ -70,10 +72,11 @@ def _write_weights(
     max_shard_size: int | str,
     variant: str | None,
     safe_serialization: bool,
+    names: tuple[str, str] = (SAFETENSORS_WEIGHTS_NAME, BIN_WEIGHTS_NAME),
 ) -> None:
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    weights_name = add_variant(SAFETENSORS_WEIGHTS_NAME if safe_serialization else BIN_WEIGHTS_NAME, variant)
+    weights_name = add_variant(names[0] if safe_serialization else names[1], variant)
     pattern = weights_name.replace(".safetensors", "{suffix}.safetensors").replace(".bin", "{suffix}.bin")
     split = split_torch_state_dict_into_shards(
         state_dict, filename_pattern=pattern, max_shard_size=max_shard_size
@@ -95,7 +98,7 @@ def _write_weights(
             ) from exc
         _fsync(path)
     if split.is_sharded:
-        index_name = add_variant(f"{SAFETENSORS_WEIGHTS_NAME if safe_serialization else BIN_WEIGHTS_NAME}.index.json", variant)
+        index_name = add_variant(f"{names[0] if safe_serialization else names[1]}.index.json", variant)
         index = {"metadata": {**split.metadata, **metadata}, "weight_map": split.tensor_to_filename}
         _write_json(directory / index_name, index)
 

@@ -1,0 +1,299 @@
+"""load_pipeline: a diffusers pipeline whose components are quantized on load by qcore, in one call.
+
+qcore loads the components that are to be quantized (and those already quantized on disk) with
+:func:`qcore.from_pretrained`; diffusers loads every other component exactly as it would on its own and
+assembles the pipeline. The returned object is the diffusers pipeline itself, whose ``save_pretrained``
+writes the whole directory atomically.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from ._checkpoint import read_json
+from ._config import QuantizationConfig
+from ._errors import CheckpointNotFoundError, ConfigError, SerializationError
+from ._loading import from_pretrained
+
+logger = logging.getLogger("qcore")
+
+P = TypeVar("P")
+
+MODEL_INDEX = "model_index.json"
+# Component names of denoisers in diffusers' pipelines.
+DENOISERS = ("transformer", "transformer_2", "unet", "prior", "decoder")
+# Text encoders small enough to stay unquantized by default (CLIP is 123M-700M parameters, and
+# its pooled output feeds the denoiser directly).
+SMALL_TEXT_ENCODER_PREFIXES = ("CLIP",)
+
+ComponentConfigs = Mapping[str, QuantizationConfig | Mapping[str, Any] | None]
+
+
+def load_pipeline(
+    pipeline_cls: type[P],
+    pretrained_model_name_or_path: str | os.PathLike[str],
+    *,
+    quantization_config: QuantizationConfig | Mapping[str, Any] | None = None,
+    components: Sequence[str] | None = None,
+    torch_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
+    device_map: str | int | torch.device | None = None,
+    variant: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    **pipeline_kwargs: Any,
+) -> P:
+    """Load a diffusers pipeline (``FluxPipeline``, ``DiffusionPipeline``, ...) from a directory or hub id
+    with ``model_index.json``, quantizing the chosen components on load.
+
+    ``quantization_config`` is one config (any backend) applied to ``components``, or by default to
+    the denoiser and the large text encoders (see :func:`default_quantized_components`); or a mapping
+    ``{component name: config}``, whose configs may be of different backends. Components already
+    quantized on disk load quantized without any config. Other keyword arguments go to the pipeline
+    class's ``from_pretrained`` (for example a component object to use as is).
+    """
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ConfigError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one", option="dtype")
+    dtype = dtype or torch_dtype
+    if isinstance(device_map, str) and device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise ConfigError(
+            f"device_map={device_map!r} for a quantized pipeline: pass one device (e.g. 'cuda'), then "
+            "call pipe.enable_model_cpu_offload() to move components on demand",
+            option="device_map",
+        )
+    hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+    root = _pipeline_directory(pipeline_cls, pretrained_model_name_or_path, variant, hub)
+    index = read_json(root / MODEL_INDEX)
+    models = model_components(index)
+    plan = quantization_plan(index, quantization_config, components)
+    plan.update({name: None for name in models if name not in plan and _is_prequantized(root / name)})
+    passed = sorted(set(plan) & set(pipeline_kwargs))
+    if passed:
+        raise ConfigError(
+            f"component(s) {', '.join(passed)} were passed as objects and also chosen for quantization; "
+            "do one or the other",
+            option=passed[0],
+        )
+
+    loaded: dict[str, Any] = {}
+    for name, config in plan.items():
+        model_cls = models[name]
+        logger.info("loading %s (%s) with qcore", name, model_cls.__name__)
+        loaded[name] = from_pretrained(
+            model_cls,
+            root,
+            subfolder=name,
+            quantization_config=config,
+            torch_dtype=dtype,
+            device_map=device_map,
+            variant=variant,
+        )
+    options: dict[str, Any] = dict(pipeline_kwargs)
+    if dtype is not None:
+        options["torch_dtype"] = dtype
+    if device_map is not None:
+        options["device_map"] = str(torch.device(device_map))
+    if variant is not None:
+        options["variant"] = variant
+    pipe = pipeline_cls.from_pretrained(root, **loaded, **options)  # type: ignore[attr-defined]
+    make_saves_atomic(pipe)
+    return pipe  # type: ignore[no-any-return]
+
+
+def default_quantized_components(model_index: Mapping[str, Any]) -> list[str]:
+    """What one quantization config applies to by default: the denoisers (``transformer``,
+    ``transformer_2``, ``unet``, ``prior``, ``decoder``) and the text encoders other than CLIP
+    (T5, UMT5, Qwen2.5-VL, Gemma, ...). Never CLIP, the VAE, tokenizers, schedulers or feature extractors."""
+    chosen = []
+    for name, (library, class_name) in _entries(model_index).items():
+        if library == "diffusers" and name in DENOISERS:
+            chosen.append(name)
+        elif (
+            library == "transformers"
+            and name.startswith("text_encoder")
+            and not class_name.startswith(SMALL_TEXT_ENCODER_PREFIXES)
+        ):
+            chosen.append(name)
+    return chosen
+
+
+def model_components(model_index: Mapping[str, Any]) -> dict[str, type[torch.nn.Module]]:
+    """The pipeline's components that are diffusers or transformers models, with their classes."""
+    models: dict[str, type[torch.nn.Module]] = {}
+    for name, (library, class_name) in _entries(model_index).items():
+        if library not in ("diffusers", "transformers"):
+            continue
+        cls = getattr(importlib.import_module(library), class_name, None)
+        if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+            models[name] = cls
+    return models
+
+
+def quantization_plan(
+    model_index: Mapping[str, Any],
+    quantization_config: QuantizationConfig | Mapping[str, Any] | None,
+    components: Sequence[str] | None,
+) -> dict[str, QuantizationConfig | Mapping[str, Any] | None]:
+    """{component: config} from the user's choice, every name checked against the pipeline."""
+    entries = _entries(model_index)
+    models = model_components(model_index)
+    pipeline = model_index.get("_class_name", "the pipeline")
+    if quantization_config is None:
+        if components is not None:
+            raise ConfigError(
+                "components= names what quantization_config applies to; pass a config too",
+                option="components",
+            )
+        return {}
+    if isinstance(quantization_config, Mapping) and "quant_method" not in quantization_config:
+        if components is not None:
+            raise ConfigError(
+                "quantization_config is already a mapping of component -> config; drop components=",
+                option="components",
+            )
+        chosen: ComponentConfigs = quantization_config
+    else:
+        names = list(components) if components is not None else default_quantized_components(model_index)
+        if isinstance(components, str):
+            raise ConfigError(
+                f"components must be a list of names, not the string {components!r}", option="components"
+            )
+        chosen = {name: quantization_config for name in names}
+    unknown = [name for name in chosen if name not in entries]
+    if unknown:
+        raise ConfigError(
+            f"{pipeline} has no component {', '.join(map(repr, unknown))}; its components are "
+            f"{', '.join(sorted(entries))} (quantizable: {', '.join(sorted(models))})",
+            option=unknown[0],
+        )
+    not_models = [name for name in chosen if name not in models]
+    if not_models:
+        raise ConfigError(
+            f"{', '.join(map(repr, not_models))} of {pipeline} cannot be quantized: only models can "
+            f"({', '.join(sorted(models))})",
+            option=not_models[0],
+        )
+    return {name: config for name, config in chosen.items() if config is not None}
+
+
+def make_saves_atomic(pipe: Any) -> None:
+    """Make ``pipe.save_pretrained`` write into a temporary directory renamed into place at the end,
+    so a failure or a kill never leaves a half-written pipeline nor damages the one there."""
+    cls = type(pipe)
+    if getattr(cls, "_qcore_atomic_save", False):
+        return
+    if cls not in _atomic_classes:
+        _atomic_classes[cls] = type(
+            cls.__name__,
+            (cls,),
+            {
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "_qcore_atomic_save": True,
+                "save_pretrained": _save_pipeline_atomically,
+            },
+        )
+    pipe.__class__ = _atomic_classes[cls]
+
+
+_atomic_classes: dict[type, type] = {}
+
+
+def _save_pipeline_atomically(self: Any, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+    target = Path(save_directory)
+    if kwargs.get("push_to_hub"):
+        kwargs.setdefault("repo_id", target.absolute().name)
+    with replaced_directory(target) as tmp:
+        super(type(self), self).save_pretrained(str(tmp), **kwargs)
+
+
+@contextmanager
+def replaced_directory(target: Path) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``target``; on success it replaces ``target`` whole."""
+    target = target.absolute()
+    if target.exists() and not target.is_dir():
+        raise SerializationError(f"{target} exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".qcore-tmp", dir=target.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if target.exists():
+            backup = target.with_name(f".{target.name}.qcore-old-{uuid.uuid4().hex[:8]}")
+            os.rename(target, backup)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(backup, target)
+                raise
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _entries(model_index: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    return {
+        name: (value[0], value[1])
+        for name, value in model_index.items()
+        if not name.startswith("_")
+        and isinstance(value, (list, tuple))
+        and len(value) == 2
+        and value[0] is not None
+        and value[1] is not None
+    }
+
+
+def _is_prequantized(component_dir: Path) -> bool:
+    config = component_dir / "config.json"
+    return config.is_file() and read_json(config).get("quantization_config") is not None
+
+
+def _pipeline_directory(
+    pipeline_cls: type, name_or_path: str | os.PathLike[str], variant: str | None, hub: dict[str, Any]
+) -> Path:
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not (path / MODEL_INDEX).is_file():
+            raise CheckpointNotFoundError(
+                f"{path} has no {MODEL_INDEX}: it is not a diffusers pipeline directory. Load single "
+                "models with qcore.from_pretrained"
+            )
+        return path
+    download = getattr(pipeline_cls, "download", None)
+    if not callable(download):
+        raise ConfigError(
+            f"{getattr(pipeline_cls, '__name__', pipeline_cls)!r} is not a diffusers pipeline class",
+            option="pipeline_cls",
+        )
+    try:
+        return Path(download(os.fspath(name_or_path), variant=variant, **hub))
+    except (OSError, ValueError) as exc:
+        raise CheckpointNotFoundError(
+            f"pipeline {os.fspath(name_or_path)!r} is neither a local directory nor a downloadable hub "
+            f"repository: {exc}"
+        ) from exc

@@ -1,0 +1,151 @@
+"""A tiny FluxPipeline built on the fly: random weights, tokenizers made from a handful of words."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+WORDS = ("a", "cat", "dog", "photo", "of", "the", "red", "blue", "on", "table", "small", "house")
+PROMPT = "a photo of a red cat on the table"
+
+
+def clip_tokenizer(directory: Path) -> Any:
+    """A byte-level BPE CLIPTokenizer whose merges spell out each word of WORDS."""
+    from transformers import CLIPTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    merges: list[str] = []
+    for word in WORDS:
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        for piece in pieces:
+            vocab.setdefault(piece, len(vocab))
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            vocab.setdefault(pieces[0], len(vocab))
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    return CLIPTokenizer(
+        vocab_file=str(directory / "vocab.json"),
+        merges_file=str(directory / "merges.txt"),
+        pad_token="<|endoftext|>",
+        model_max_length=16,
+    )
+
+
+def t5_tokenizer() -> Any:
+    """A Unigram T5TokenizerFast over WORDS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in WORDS]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=16,
+    )
+
+
+def t5_config(**overrides: Any) -> Any:
+    from transformers import T5Config
+
+    options: dict[str, Any] = dict(
+        vocab_size=len(WORDS) + 3,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5Config(**{**options, **overrides})
+
+
+def clip_config(**overrides: Any) -> Any:
+    from transformers import CLIPTextConfig
+
+    options: dict[str, Any] = dict(
+        vocab_size=200,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=32,
+    )
+    return CLIPTextConfig(**{**options, **overrides})
+
+
+def tiny_flux_pipeline(directory: Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Any:
+    """Build a random tiny FluxPipeline, save it with diffusers to ``directory`` and return it."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8),
+    )
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=1,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=CLIPTextModel(clip_config()),
+        tokenizer=clip_tokenizer(directory.parent / f"{directory.name}-clip-vocab"),
+        text_encoder_2=T5EncoderModel(t5_config()),
+        tokenizer_2=t5_tokenizer(),
+        transformer=transformer,
+    ).to(dtype)
+    pipe.save_pretrained(directory)
+    return pipe
+
+
+def run_pipeline(pipe: Any, steps: int = 2, seed: int = 0) -> torch.Tensor:
+    """Two denoising steps of an 8x8 image from a fixed generator; the latents the transformer made."""
+    with torch.no_grad():
+        return pipe(
+            PROMPT,
+            height=8,
+            width=8,
+            num_inference_steps=steps,
+            guidance_scale=3.5,
+            max_sequence_length=16,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="latent",
+        ).images
