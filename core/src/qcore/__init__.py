@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._checkpoint import CheckpointFiles, locate_checkpoint
 from ._config import QuantizationConfig, merge_quantization_configs
+from ._converters import CONVERTERS_GROUP, KeyConverter, RowRange
 from ._errors import (
     BackendError,
     BackendLoadError,
@@ -32,6 +33,7 @@ from ._errors import (
     ShapeMismatchError,
     UnexpectedKeysError,
 )
+from ._formats import FORMATS_GROUP, CheckpointFormat, TensorInfo
 from ._helpers import (
     AUTO_DEVICE_MAPS,
     BatchedChecks,
@@ -55,7 +57,6 @@ from ._registry import (
     register_backend,
     unregister_backend,
 )
-from ._pipeline import load_pipeline
 from ._saving import save_pretrained
 
 try:
@@ -67,7 +68,6 @@ __all__ = [
     # loading and saving
     "from_pretrained",
     "save_pretrained",
-    "load_pipeline",
     "dequantize",
     "ModelMixin",
     "locate_checkpoint",
@@ -87,6 +87,13 @@ __all__ = [
     "module_matches",
     "replace_linear_layers",
     "ENTRY_POINT_GROUP",
+    # checkpoint formats and key converters
+    "CheckpointFormat",
+    "TensorInfo",
+    "KeyConverter",
+    "RowRange",
+    "FORMATS_GROUP",
+    "CONVERTERS_GROUP",
     # helpers for backends
     "split_param_name",
     "get_module_for_param",

@@ -1,0 +1,216 @@
+"""Checkpoint formats other than safetensors and ``.bin``, as plugins (entry-point group ``qcore.formats``).
+
+A format plugin is a :class:`CheckpointFormat` subclass exposed under the entry name of the file suffix it
+reads (``gguf`` for ``*.gguf``). qcore imports it only when it meets such a file. A format says which
+``quant_method`` its files imply, so a file whose backend is missing is refused with an install hint
+instead of being loaded dequantized or wrong. safetensors single files are read by the built-in
+:class:`SafetensorsFormat`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ._errors import BackendLoadError, BackendNotFoundError, CheckpointError, CorruptCheckpointError
+
+logger = logging.getLogger("qcore")
+
+FORMATS_GROUP = "qcore.formats"
+
+# Suffixes whose reader lives in a known distribution: (implied quant_method, install hint).
+_KNOWN_FORMATS = {"gguf": ("gguf", "pip install qcore-gguf")}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a format knows of one stored tensor without reading it.
+
+    ``shape`` is the logical shape (elements, not bytes). ``dtype`` is the torch dtype of a plain tensor,
+    ``None`` for a block-quantized one; ``quant_type`` names the format's block type (e.g. ``"Q4_K"``),
+    ``None`` for a plain tensor. ``nbytes`` is the stored size.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None
+    quant_type: str | None = None
+    nbytes: int = 0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class CheckpointFormat:
+    """Reader of one checkpoint file of a format; subclass it and expose the class as an entry point.
+
+    Class attributes: ``suffixes`` (e.g. ``(".gguf",)``), ``implied_quant_method`` (the backend its
+    files need, or ``None``). An instance is one open file: ``__init__(path)`` parses the header and
+    raises :class:`qcore.CorruptCheckpointError` naming the file when it cannot; :meth:`close` releases it.
+    """
+
+    suffixes: ClassVar[tuple[str, ...]] = ()
+    implied_quant_method: ClassVar[str | None] = None
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        """Whether ``path`` is a file of this format (default: by suffix; override to check magic bytes)."""
+        return Path(path).suffix in cls.suffixes
+
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        """Every stored tensor, in file order, with its logical shape and type."""
+        raise NotImplementedError
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor ``key`` on the CPU, or only its rows ``start:stop`` along dim 0 (reading only those bytes).
+
+        Block-quantized tensors come back as the format's own tensor type, which the backend of
+        ``implied_quant_method`` understands.
+        """
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, str]:
+        """The file's key/value metadata as strings."""
+        return {}
+
+    def quantization_config(self) -> dict[str, Any] | None:
+        """The ``quantization_config`` the file implies (default: ``implied_quant_method`` alone)."""
+        return {"quant_method": self.implied_quant_method} if self.implied_quant_method else None
+
+    def model_config(self) -> dict[str, Any] | None:
+        """A model config stored in the file, if the format carries one."""
+        return None
+
+    def close(self) -> None:
+        """Release the file."""
+
+    def __enter__(self) -> CheckpointFormat:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SafetensorsFormat(CheckpointFormat):
+    """Built-in: one ``.safetensors`` file read as a format (used for single-file loads)."""
+
+    suffixes = (".safetensors",)
+
+    _DTYPES: ClassVar[dict[str, torch.dtype]] = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        **{
+            name: getattr(torch, attr)
+            for name, attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
+            if hasattr(torch, attr)
+        },
+    }
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        from safetensors import safe_open
+
+        try:
+            self._context = safe_open(str(self.path), framework="pt", device="cpu")
+            self._handle = self._context.__enter__()
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise CorruptCheckpointError(f"{self.path}: not a valid safetensors file ({exc})") from exc
+        self._infos: dict[str, TensorInfo] = {}
+        for key in self._handle.keys():
+            view = self._handle.get_slice(key)
+            shape = tuple(view.get_shape())
+            dtype = self._DTYPES.get(view.get_dtype())
+            size = torch.empty((), dtype=dtype).element_size() if dtype is not None else 0
+            self._infos[key] = TensorInfo(shape, dtype, None, math.prod(shape) * size)
+
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self._infos
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        try:
+            if rows is None:
+                return self._handle.get_tensor(key)
+            return self._handle.get_slice(key)[rows[0] : rows[1]]
+        except Exception as exc:
+            raise CorruptCheckpointError(f"{self.path}: tensor {key!r} cannot be read ({exc})") from exc
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._handle.metadata() or {})
+
+    def close(self) -> None:
+        self._context.__exit__(None, None, None)
+
+
+def _autoload_disabled() -> bool:
+    return os.environ.get("QCORE_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower() not in ("", "0", "false")
+
+
+def _allowed(name: str, distribution: str | None) -> bool:
+    raw = os.environ.get("QCORE_PLUGINS")
+    if raw is None:
+        return True
+    allowed = {part.strip() for part in raw.split(",") if part.strip()}
+    return name in allowed or (distribution is not None and distribution in allowed)
+
+
+def format_for(path: Path) -> type[CheckpointFormat]:
+    """The format class that reads ``path``, importing its plugin; an install hint when none is installed."""
+    path = Path(path)
+    suffix = path.suffix.lstrip(".").lower()
+    if suffix == "safetensors":
+        return SafetensorsFormat
+    implied, hint = _KNOWN_FORMATS.get(
+        suffix,
+        (
+            None,
+            f"install a distribution with an entry point named {suffix!r} in the group {FORMATS_GROUP!r}",
+        ),
+    )
+    candidates = [] if _autoload_disabled() else list(entry_points(group=FORMATS_GROUP, name=suffix))
+    allowed = [ep for ep in candidates if _allowed(suffix, ep.dist.name if ep.dist else None)]
+    if not allowed:
+        if candidates:
+            hint = f"its reader is installed but not in QCORE_PLUGINS={os.environ.get('QCORE_PLUGINS')!r}"
+        elif _autoload_disabled():
+            hint += "; note that QCORE_DISABLE_PLUGIN_AUTOLOAD is set"
+        if implied is not None:
+            raise BackendNotFoundError(implied, f"{path.name} is a .{suffix} file: {hint}")
+        raise CheckpointError(f"{path}: no reader for .{suffix} files is installed: {hint}")
+    entry = allowed[0]
+    distribution = entry.dist.name if entry.dist else None
+    try:
+        loaded = entry.load()
+    except Exception as exc:
+        raise BackendLoadError(suffix, distribution, f"{type(exc).__name__}: {exc}") from exc
+    if not (isinstance(loaded, type) and issubclass(loaded, CheckpointFormat)):
+        raise BackendLoadError(
+            suffix, distribution, f"entry point {entry.value!r} is not a qcore.CheckpointFormat subclass"
+        )
+    if not loaded.detect(path):
+        raise CorruptCheckpointError(f"{path}: not a valid .{suffix} file (its reader does not recognise it)")
+    logger.debug("reading %s with %s from %s", path.name, loaded.__qualname__, distribution)
+    return loaded
+
+
+def open_format(path: Path) -> CheckpointFormat:
+    """Open ``path`` with its format's reader."""
+    return format_for(path)(Path(path))

@@ -1,0 +1,127 @@
+"""The ``.gguf`` checkpoint format: tensors as GGML blocks, read lazily from a memory map."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import qcore
+
+from ._dequant import FLOAT_TYPES, GGML_TYPES, TYPE_NAMES, logical_shape
+from ._tensor import GGUFWeight
+
+logger = logging.getLogger("qcore.gguf")
+
+MAGIC = b"GGUF"
+ORIG_SHAPE_PREFIX = "comfy.gguf.orig_shape."
+
+
+class GGUFFormat(qcore.CheckpointFormat):
+    """Reads a GGUF file (llama.cpp's format, as city96's diffusion model files use it).
+
+    Quantized tensors come back as :class:`GGUFWeight` (uint8 blocks + type), F32/F16 tensors as plain
+    tensors. ``comfy.gguf.orig_shape.<name>`` entries give the logical shape of tensors stored flattened.
+    Every file implies ``quant_method="gguf"``.
+    """
+
+    suffixes = (".gguf",)
+    implied_quant_method = "gguf"
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        try:
+            with open(path, "rb") as f:
+                return f.read(4) == MAGIC
+        except OSError:
+            return False
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        import gguf
+
+        try:
+            self._reader = gguf.GGUFReader(str(self.path), "r")
+        except Exception as exc:  # gguf raises ValueError, KeyError, IndexError... on damaged files
+            raise qcore.CorruptCheckpointError(
+                f"{self.path}: not a readable GGUF file ({type(exc).__name__}: {exc})"
+            ) from exc
+        self._metadata = self._read_metadata()
+        self._tensors: dict[str, Any] = {}
+        self._infos: dict[str, qcore.TensorInfo] = {}
+        size = self.path.stat().st_size
+        for tensor in self._reader.tensors:
+            type_name = TYPE_NAMES.get(int(tensor.tensor_type))
+            if type_name is None:
+                raise qcore.CorruptCheckpointError(
+                    f"{self.path}: tensor {tensor.name!r} has GGML type {tensor.tensor_type!r}, which "
+                    f"qcore-gguf does not read (it reads {', '.join(GGML_TYPES)})"
+                )
+            if tensor.data_offset + int(tensor.n_bytes) > size or tensor.data.nbytes != int(tensor.n_bytes):
+                raise qcore.CorruptCheckpointError(
+                    f"{self.path}: tensor {tensor.name!r} runs past the end of the file (truncated download?)"
+                )
+            stored = tuple(int(d) for d in tensor.data.shape)
+            shape = stored if type_name in FLOAT_TYPES else logical_shape(type_name, stored)
+            orig = self._metadata_shape(tensor.name)
+            if orig is not None:
+                if int(np.prod(orig)) != int(np.prod(shape)):
+                    raise qcore.CorruptCheckpointError(
+                        f"{self.path}: {ORIG_SHAPE_PREFIX}{tensor.name} is {orig}, but the tensor holds "
+                        f"{int(np.prod(shape))} elements"
+                    )
+                shape = orig
+            dtype = FLOAT_TYPES.get(type_name)
+            quant_type = None if dtype is not None else type_name
+            self._tensors[tensor.name] = tensor
+            self._infos[tensor.name] = qcore.TensorInfo(shape, dtype, quant_type, int(tensor.n_bytes))
+
+    def _read_metadata(self) -> dict[str, str]:
+        out = {}
+        for key, field in self._reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            try:
+                value = field.contents()
+            except Exception:  # a field type this gguf version cannot render
+                continue
+            out[key] = value if isinstance(value, str) else repr(value)
+        return out
+
+    def _metadata_shape(self, name: str) -> tuple[int, ...] | None:
+        field = self._reader.fields.get(ORIG_SHAPE_PREFIX + name)
+        if field is None:
+            return None
+        return tuple(int(d) for d in field.contents())
+
+    def tensors(self) -> Mapping[str, qcore.TensorInfo]:
+        return self._infos
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        info = self._infos[key]
+        data = self._tensors[key].data
+        start, stop = rows if rows is not None else (0, info.shape[0] if info.shape else 1)
+        if info.quant_type is None:
+            array = np.asarray(data).reshape(info.shape)
+            return torch.from_numpy(np.array(array[start:stop] if rows is not None else array))
+        if len(info.shape) != len(data.shape):
+            # A flattened quantized tensor: its rows are whole blocks only if the last dim is.
+            byte_shape = (*info.shape[:-1], data.shape[-1] * data.shape[0] // int(np.prod(info.shape[:-1])))
+            data = np.asarray(data).reshape(byte_shape)
+        blocks = np.array(data[start:stop] if rows is not None else data)  # copies only these rows
+        return GGUFWeight(torch.from_numpy(blocks), info.quant_type)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
+
+    def quantization_config(self) -> dict[str, Any] | None:
+        return {"quant_method": "gguf"}
+
+    def close(self) -> None:
+        self._tensors.clear()
+        # The memory map closes when the reader is collected.
+        self._reader = None  # type: ignore[assignment]

@@ -1,0 +1,171 @@
+"""Writing small GGUF files for tests and examples: a K-quant encoder and a file writer.
+
+gguf's own ``gguf.quants.quantize`` encodes F32, F16, BF16 and the 32-element types (Q8_0, Q4_0, Q4_1, Q5_0,
+Q5_1) but not the K-quants; :func:`quantize` adds Q2_K, Q3_K, Q4_K, Q5_K and Q6_K with a plain min/max
+search (not llama.cpp's error-minimising one, so files are valid but not as accurate). Its output decodes
+with ``gguf.quants.dequantize``, which is how the tests check it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+from ._dequant import GGML_TYPES
+
+QK_K = 256
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16)
+
+
+def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.divide(a, b, out=np.zeros(np.broadcast_shapes(a.shape, b.shape), np.float32), where=b != 0)
+
+
+def _shift_or(parts: np.ndarray, axis: int, step: int) -> np.ndarray:
+    """OR together ``parts`` along ``axis``, part k shifted left by ``k * step`` bits."""
+    out = np.zeros(np.delete(parts.shape, axis), dtype=np.uint8)
+    for k in range(parts.shape[axis]):
+        out |= (np.take(parts, k, axis=axis).astype(np.uint8) << (k * step)).astype(np.uint8)
+    return out
+
+
+def _affine(x: np.ndarray, nmax: int, scale_max: int) -> tuple[np.ndarray, ...]:
+    """x (n, sub, len) ~= d*sc*q - dmin*m with q in [0, nmax], sc and m in [0, scale_max]."""
+    lo = np.minimum(x.min(axis=2), 0)
+    scale = (x.max(axis=2) - lo) / nmax
+    d = _f16(scale.max(axis=1, keepdims=True) / scale_max)
+    dmin = _f16((-lo).max(axis=1, keepdims=True) / scale_max)
+    sc = np.clip(np.rint(_safe_div(scale, d.astype(np.float32))), 0, scale_max).astype(np.uint8)
+    m = np.clip(np.rint(_safe_div(-lo, dmin.astype(np.float32))), 0, scale_max).astype(np.uint8)
+    step = (d.astype(np.float32) * sc)[..., None]
+    offset = (dmin.astype(np.float32) * m)[..., None]
+    q = np.clip(np.rint(_safe_div(x + offset, step)), 0, nmax).astype(np.uint8)
+    return d, dmin, sc, m, q
+
+
+def _symmetric(x: np.ndarray, qmax: int, scale_max: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (n, sub, len) ~= d*sc*q with q in [-qmax-1, qmax] and signed sc in [-scale_max-1, scale_max]."""
+    scale = np.abs(x).max(axis=2) / qmax
+    d = _f16(scale.max(axis=1, keepdims=True) / scale_max)
+    sc = np.clip(np.rint(_safe_div(scale, d.astype(np.float32))), -scale_max - 1, scale_max).astype(np.int8)
+    step = (d.astype(np.float32) * sc)[..., None]
+    q = np.clip(np.rint(_safe_div(x, step)), -qmax - 1, qmax).astype(np.int8)
+    return d, sc, q
+
+
+def _k4_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Pack eight 6-bit scales and mins into 12 bytes (ggml's get_scale_min_k4 layout)."""
+    low = (sc[:, :4] | ((sc[:, 4:] >> 4) << 6)).astype(np.uint8)
+    mid = (m[:, :4] | ((m[:, 4:] >> 4) << 6)).astype(np.uint8)
+    high = ((sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)).astype(np.uint8)
+    return np.concatenate([low, mid, high], axis=1)
+
+
+def _bytes(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.uint8).reshape(a.shape[0], -1)
+
+
+def _q2_k(x: np.ndarray) -> np.ndarray:
+    n = x.shape[0]
+    d, dmin, sc, m, q = _affine(x.reshape(n, 16, 16), 3, 15)
+    qs = _shift_or(q.reshape(n, 2, 4, 32), axis=2, step=2).reshape(n, 64)
+    return np.concatenate([sc | (m << 4), qs, _bytes(d), _bytes(dmin)], axis=1)
+
+
+def _q3_k(x: np.ndarray) -> np.ndarray:
+    n = x.shape[0]
+    d, sc, q = _symmetric(x.reshape(n, 16, 16), 3, 31)
+    u = (q.astype(np.int16) + 4).astype(np.uint8).reshape(n, 256)
+    hmask = _shift_or((u >> 2).reshape(n, 8, 32), axis=1, step=1)
+    qs = _shift_or((u & 3).reshape(n, 2, 4, 32), axis=2, step=2).reshape(n, 64)
+    s = (sc.astype(np.int16) + 32).astype(np.uint8)
+    low = (s[:, :8] & 0xF) | ((s[:, 8:] & 0xF) << 4)
+    high = _shift_or((s >> 4).reshape(n, 4, 4), axis=1, step=2)
+    return np.concatenate([hmask, qs, low, high, _bytes(d)], axis=1)
+
+
+def _q45_k(x: np.ndarray, bits: int) -> np.ndarray:
+    n = x.shape[0]
+    d, dmin, sc, m, q = _affine(x.reshape(n, 8, 32), (1 << bits) - 1, 63)
+    qs = _shift_or((q & 0xF).reshape(n, 4, 2, 32), axis=2, step=4).reshape(n, 128)
+    parts = [_bytes(d), _bytes(dmin), _k4_scales(sc, m)]
+    if bits == 5:
+        parts.append(_shift_or((q >> 4).reshape(n, 8, 32), axis=1, step=1))
+    return np.concatenate([*parts, qs], axis=1)
+
+
+def _q6_k(x: np.ndarray) -> np.ndarray:
+    n = x.shape[0]
+    d, sc, q = _symmetric(x.reshape(n, 16, 16), 31, 127)
+    u = (q.astype(np.int16) + 32).astype(np.uint8).reshape(n, 256)
+    ql = _shift_or((u & 0xF).reshape(n, 2, 2, 64), axis=2, step=4).reshape(n, 128)
+    qh = _shift_or((u >> 4).reshape(n, 2, 4, 32), axis=2, step=2).reshape(n, 64)
+    return np.concatenate([ql, qh, sc.view(np.uint8), _bytes(d)], axis=1)
+
+
+_K_ENCODERS = {
+    "Q2_K": _q2_k,
+    "Q3_K": _q3_k,
+    "Q4_K": lambda x: _q45_k(x, 4),
+    "Q5_K": lambda x: _q45_k(x, 5),
+    "Q6_K": _q6_k,
+}
+
+
+def quantize(array: np.ndarray, quant_type: str) -> np.ndarray:
+    """Encode a float array as ``quant_type``: uint8 blocks of shape ``(*rows, bytes per row)``.
+
+    F32 and F16 return the array in that dtype. The last dimension must be a multiple of the type's block
+    size (32, or 256 for the K-quants).
+    """
+    import gguf
+
+    if quant_type not in GGML_TYPES:
+        raise ValueError(f"unknown GGML type {quant_type!r}; known: {', '.join(GGML_TYPES)}")
+    array = np.asarray(array, dtype=np.float32)
+    if quant_type not in _K_ENCODERS:
+        return gguf.quants.quantize(array, gguf.GGMLQuantizationType[quant_type])
+    if array.shape[-1] % QK_K:
+        raise ValueError(f"{quant_type} needs a last dimension divisible by {QK_K}, not {array.shape}")
+    blocks = _K_ENCODERS[quant_type](array.reshape(-1, QK_K))
+    return blocks.reshape(*array.shape[:-1], -1)
+
+
+def write_gguf(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, tuple[np.ndarray, str]],
+    *,
+    architecture: str = "flux",
+    metadata: Mapping[str, object] | None = None,
+) -> None:
+    """Write ``{name: (float array, GGML type name)}`` as a GGUF file, encoded by :func:`quantize`.
+
+    ``metadata`` values are written as GGUF key/values (str, int, float, bool or a list of ints).
+    """
+    import gguf
+
+    writer = gguf.GGUFWriter(os.fspath(path), architecture)
+    for key, value in (metadata or {}).items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_array(key, list(value))  # type: ignore[call-overload]
+    for name, (array, quant_type) in tensors.items():
+        encoded = quantize(array, quant_type)
+        raw_dtype = None if quant_type in ("F32", "F16") else gguf.GGMLQuantizationType[quant_type]
+        writer.add_tensor(name, encoded, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
