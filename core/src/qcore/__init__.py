@@ -57,6 +57,7 @@ from ._registry import (
     register_backend,
     unregister_backend,
 )
+from ._pipeline import load_pipeline
 from ._saving import save_pretrained
 
 try:
@@ -68,6 +69,7 @@ __all__ = [
     # loading and saving
     "from_pretrained",
     "save_pretrained",
+    "load_pipeline",
     "dequantize",
     "ModelMixin",
     "locate_checkpoint",
