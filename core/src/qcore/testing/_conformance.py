@@ -62,21 +62,12 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).norm() / expected.norm().clamp_min(1e-12))
 
 
-class BackendConformance:
-    """Subclass this in a ``test_*.py`` file, as ``class Test...``, to run qcore's checks on a backend.
+class BackendSuite:
+    """The settings, overridable methods, helpers and class-scoped fixtures the kit's suites share.
 
-    Set ``config_class`` (and ``config_kwargs``); everything else has defaults. The backend must be
-    known to qcore: installed with its entry point, or registered with ``qcore.register_backend``
-    before the tests run. Override the ``make_*`` / ``count_parameters`` / ``is_quantized_module``
-    methods where the backend's model or storage differs from the defaults.
-
-    Checks: the backend resolves by quant_method; config JSON round trip; the user's config is not
-    mutated; hooks called in documented order (seen through an observer plugin); parameter count
-    unchanged; memory footprint smaller; no NaN/inf; output close to the unquantized model's;
-    load facts recorded; save -> load round trip exact (one file and sharded); dequantize (or
-    :class:`qcore.DequantizeError` when ``supports_dequantize = False``); ``modules_to_not_convert``
-    honoured; dtype casts refused with :class:`qcore.DtypeCastError`; corrupted checkpoints raise a
-    :class:`qcore.QcoreError` naming the tensor.
+    :class:`BackendConformance` (the checks every backend must pass) and
+    :class:`qcore.testing.BackendCapabilities` (the composability checks a backend declares) derive
+    from it; subclass one of them, not this class.
     """
 
     # --- what the backend author sets -------------------------------------------------------------
@@ -211,7 +202,9 @@ class BackendConformance:
     @classmethod
     def quantized_model(cls, reference_checkpoint: Path, load_recorder: HookRecorder) -> nn.Module:
         suite = cls()
-        return suite.load(reference_checkpoint, quantization_config=suite.make_config(), observers=[load_recorder])
+        return suite.load(
+            reference_checkpoint, quantization_config=suite.make_config(), observers=[load_recorder]
+        )
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -227,9 +220,35 @@ class BackendConformance:
         save_pretrained(quantized_model, path)
         return path
 
+
+class BackendConformance(BackendSuite):
+    """Subclass this in a ``test_*.py`` file, as ``class Test...``, to run qcore's checks on a backend.
+
+    Set ``config_class`` (and ``config_kwargs``); everything else has defaults. The backend must be
+    known to qcore: installed with its entry point, or registered with ``qcore.register_backend``
+    before the tests run. Override the ``make_*`` / ``count_parameters`` / ``is_quantized_module``
+    methods where the backend's model or storage differs from the defaults.
+
+    Defaults: ``forward_tolerance = 0.05`` (relative L2 error of the quantized model's output against
+    the unquantized one's), ``dequantize_tolerance = 0.02`` (dequantized output against quantized
+    output), ``min_memory_ratio = 1.5`` (unquantized bytes / quantized bytes), ``torch_dtype =
+    torch.bfloat16``, the model :class:`qcore.testing.ConformanceModel`, CPU (``device_map = None``).
+
+    The save/load round trips reload the saved checkpoint *without* ``torch_dtype`` (the checkpoint
+    alone must say everything) and demand an exact match: ``torch.equal`` of the outputs, and
+    bit-identical tensors when the reloaded model is saved again. The corruption check tries each
+    of :data:`qcore.testing.CORRUPTIONS` on a copy of the saved checkpoint: ``truncated_tensor``
+    (the largest tensor of a quantized layer loses its last row), ``wrong_dtype`` (that tensor
+    stored as float16/float32), ``missing_statistics`` (another tensor of that layer deleted, e.g.
+    a scale) and ``truncated_file`` (the safetensors file cut short by a third); each must raise a
+    :class:`qcore.QcoreError` naming the tensor (or the file).
+    """
+
     # --- backend and config -----------------------------------------------------------------------
 
     def test_backend_resolves_by_quant_method(self) -> None:
+        """qcore.get_backend(quant_method) finds this backend: its config class is ``config_class``
+        and its quantizer a qcore.Quantizer."""
         backend = get_backend(self.config_class.quant_method)
         assert backend.config_class is self.config_class, (
             f"quant_method {self.config_class.quant_method!r} resolves to {backend.config_class!r}, "
@@ -238,6 +257,8 @@ class BackendConformance:
         assert issubclass(backend.quantizer_class, Quantizer)
 
     def test_config_json_round_trip(self) -> None:
+        """to_json_string -> from_dict gives an equal config; to_dict is JSON-able; deepcopy is
+        equal; the ``use_diff`` form, laid over the defaults, gives the config back."""
         config = self.make_config()
         text = config.to_json_string()
         data = json.loads(text)
@@ -249,6 +270,8 @@ class BackendConformance:
         assert self.config_class.from_dict({**self.make_config().to_dict(), **diff}) == config
 
     def test_load_does_not_mutate_config(self, reference_checkpoint: Path) -> None:
+        """A load leaves the user's config object as it was (``to_dict()`` unchanged), even with
+        ``modules_to_not_convert`` set."""
         config = self.make_config(**{self.skip_modules_option: [self.module_to_not_convert]})
         before = config.to_dict()
         self.load(reference_checkpoint, quantization_config=config)
@@ -257,14 +280,24 @@ class BackendConformance:
     # --- the quantized load -----------------------------------------------------------------------
 
     def test_hooks_called_in_order(self, quantized_model: nn.Module, load_recorder: HookRecorder) -> None:
+        """An observer sees the load's hooks in :data:`qcore.testing.LOAD_ORDER`; the once-per-load
+        hooks run exactly once; at least one ``create_quantized_param``, each right after its
+        parameter's check."""
         calls = [c for c in load_recorder.calls if c in LOAD_ORDER]
         assert calls, "the observer saw no hook call"
         rank = {name: i for i, name in enumerate(LOAD_ORDER)}
         per_param = {"check_if_quantized_param", "check_quantized_param_shape", "create_quantized_param"}
         stage = [rank[c] if c not in per_param else rank["check_if_quantized_param"] for c in calls]
         assert stage == sorted(stage), f"hooks out of order: {load_recorder.distinct()}"
-        for name in ("validate_environment", "update_torch_dtype", "update_device_map", "preprocess_model",
-                     "group_checkpoint_keys", "update_missing_keys", "postprocess_model"):
+        for name in (
+            "validate_environment",
+            "update_torch_dtype",
+            "update_device_map",
+            "preprocess_model",
+            "group_checkpoint_keys",
+            "update_missing_keys",
+            "postprocess_model",
+        ):
             assert load_recorder.count(name) == 1, f"{name} called {load_recorder.count(name)} times"
         assert load_recorder.count("create_quantized_param") >= 1, "no parameter was quantized"
         for i, name in enumerate(calls):
@@ -272,9 +305,13 @@ class BackendConformance:
                 assert calls[i - 1] in ("check_if_quantized_param", "check_quantized_param_shape")
 
     def test_parameter_count_unchanged(self, reference_model: nn.Module, quantized_model: nn.Module) -> None:
+        """The quantized model has as many logical parameters (``count_parameters``) as the
+        unquantized one."""
         assert self.count_parameters(quantized_model) == self.count_parameters(reference_model)
 
     def test_memory_footprint_smaller(self, reference_model: nn.Module, quantized_model: nn.Module) -> None:
+        """Unquantized bytes / quantized bytes (parameters and buffers, tensor subclasses by their
+        inner tensors) is at least ``min_memory_ratio``."""
         before, after = self.memory_footprint(reference_model), self.memory_footprint(quantized_model)
         assert before / after >= self.min_memory_ratio, (
             f"footprint {before} -> {after} bytes (ratio {before / after:.2f}, "
@@ -282,25 +319,37 @@ class BackendConformance:
         )
 
     def test_quantized_layers(self, reference_model: nn.Module, quantized_model: nn.Module) -> None:
+        """Every ``nn.Linear`` of the model was quantized (``is_quantized_module``), and the model
+        says ``is_quantized`` and its ``quantization_method``."""
         names = self.linear_names(reference_model)
         unconverted = [
-            n for n in names
-            if not self.is_quantized_module(quantized_model.get_submodule(n), reference_model.get_submodule(n))
+            n
+            for n in names
+            if not self.is_quantized_module(
+                quantized_model.get_submodule(n), reference_model.get_submodule(n)
+            )
         ]
         assert not unconverted, f"Linear layers left unquantized: {unconverted}"
         assert getattr(quantized_model, "is_quantized", False)
         assert quantized_model.quantization_method == self.config_class.quant_method
 
     def test_no_nans(self, quantized_output: torch.Tensor) -> None:
+        """The quantized model's output is finite."""
         assert torch.isfinite(quantized_output).all()
 
-    def test_forward_close_to_reference(self, quantized_output: torch.Tensor, reference_output: torch.Tensor) -> None:
+    def test_forward_close_to_reference(
+        self, quantized_output: torch.Tensor, reference_output: torch.Tensor
+    ) -> None:
+        """The quantized output is within ``forward_tolerance`` (relative L2) of the unquantized
+        model's, and not identical to it."""
         assert quantized_output.shape == reference_output.shape
         error = relative_error(quantized_output, reference_output)
         assert error <= self.forward_tolerance, f"relative error {error:.4f} > {self.forward_tolerance}"
         assert error > 0, "output identical to the unquantized model: nothing was quantized"
 
     def test_load_facts_recorded(self, quantized_model: nn.Module) -> None:
+        """The model's config records the quantization_config and ``_pre_quantization_dtype``;
+        ``hf_quantizer`` is the load's qcore.Quantizer, not pre-quantized."""
         config = getattr(quantized_model, "config", {})
         get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
         assert get("quantization_config") == self.make_config()
@@ -309,17 +358,30 @@ class BackendConformance:
         assert isinstance(quantizer, Quantizer) and not quantizer.pre_quantized
 
     @pytest.mark.parametrize("cast", list(_DTYPE_CASTS))
-    def test_dtype_cast_refused(self, quantized_model: nn.Module, quantized_output: torch.Tensor,
-                                inputs: Any, cast: str) -> None:
+    def test_dtype_cast_refused(
+        self, quantized_model: nn.Module, quantized_output: torch.Tensor, inputs: Any, cast: str
+    ) -> None:
+        """Each dtype cast (``to(dtype)``, ``half()``, ``float()``, ...) raises qcore.DtypeCastError
+        naming the quant_method and leaves the output unchanged."""
         with pytest.raises(DtypeCastError) as info:
             _DTYPE_CASTS[cast](quantized_model)
         assert self.config_class.quant_method in str(info.value)
-        assert torch.equal(self.forward(quantized_model, inputs), quantized_output), "a refused cast changed the model"
+        assert torch.equal(self.forward(quantized_model, inputs), quantized_output), (
+            "a refused cast changed the model"
+        )
 
     # --- saving -----------------------------------------------------------------------------------
 
-    def test_save_load_round_trip(self, quantized_checkpoint: Path, quantized_output: torch.Tensor,
-                                  quantized_model: nn.Module, inputs: Any) -> None:
+    def test_save_load_round_trip(
+        self,
+        quantized_checkpoint: Path,
+        quantized_output: torch.Tensor,
+        quantized_model: nn.Module,
+        inputs: Any,
+    ) -> None:
+        """Save, then reload without ``torch_dtype`` or config: same config, ``torch.equal`` output,
+        same state-dict keys, no save hooks during the load; saving the reloaded model writes bit-
+        identical tensors."""
         saved = json.loads((quantized_checkpoint / "config.json").read_text())
         assert saved["quantization_config"] == self.make_config().to_dict()
         recorder = HookRecorder()
@@ -337,8 +399,11 @@ class BackendConformance:
         assert recorder.distinct()[-2:] == list(SAVE_ORDER)
         self._assert_same_tensors(quantized_checkpoint, again)
 
-    def test_save_load_round_trip_sharded(self, quantized_model: nn.Module, quantized_output: torch.Tensor,
-                                          conformance_dir: Path, inputs: Any) -> None:
+    def test_save_load_round_trip_sharded(
+        self, quantized_model: nn.Module, quantized_output: torch.Tensor, conformance_dir: Path, inputs: Any
+    ) -> None:
+        """Saved in shards of a fifth of the model (a weight and its statistics may part), the
+        checkpoint reloads without ``torch_dtype`` to a ``torch.equal`` output."""
         if not self.supports_serialization:
             pytest.skip(f"{type(self).__name__}.supports_serialization is False")
         path = conformance_dir / "quantized-sharded"
@@ -360,8 +425,16 @@ class BackendConformance:
 
     # --- dequantize -------------------------------------------------------------------------------
 
-    def test_dequantize(self, reference_checkpoint: Path, reference_model: nn.Module,
-                        quantized_output: torch.Tensor, inputs: Any) -> None:
+    def test_dequantize(
+        self,
+        reference_checkpoint: Path,
+        reference_model: nn.Module,
+        quantized_output: torch.Tensor,
+        inputs: Any,
+    ) -> None:
+        """qcore.dequantize gives plain ``nn.Linear`` layers in ``torch_dtype`` whose output is
+        within ``dequantize_tolerance`` of the quantized output, and dtype casts work again; with
+        ``supports_dequantize = False`` it must raise qcore.DequantizeError."""
         model = self.load(reference_checkpoint, quantization_config=self.make_config())
         if not self.supports_dequantize:
             with pytest.raises(DequantizeError):
@@ -380,6 +453,8 @@ class BackendConformance:
     # --- modules_to_not_convert -------------------------------------------------------------------
 
     def test_modules_to_not_convert(self, reference_checkpoint: Path, reference_model: nn.Module) -> None:
+        """The module named in ``skip_modules_option`` stays an unquantized Linear with its exact
+        weights, every other Linear is quantized, and the saved config lists it."""
         skip = self.module_to_not_convert
         config = self.make_config(**{self.skip_modules_option: [skip]})
         model = self.load(reference_checkpoint, quantization_config=config)
@@ -387,7 +462,9 @@ class BackendConformance:
             reference = reference_model.get_submodule(name)
             quantized = self.is_quantized_module(model.get_submodule(name), reference)
             skipped = module_matches(name, [skip])
-            assert quantized != skipped, f"{name}: quantized={quantized}, in {self.skip_modules_option}={skipped}"
+            assert quantized != skipped, (
+                f"{name}: quantized={quantized}, in {self.skip_modules_option}={skipped}"
+            )
             if skipped:
                 weight = model.get_submodule(name).weight
                 assert torch.equal(weight.detach().cpu(), reference.weight.detach()), name
@@ -397,9 +474,16 @@ class BackendConformance:
     # --- corrupted checkpoints --------------------------------------------------------------------
 
     @pytest.mark.parametrize("corruption", CORRUPTIONS)
-    def test_corrupted_checkpoint_names_the_tensor(self, corruption: str, quantized_checkpoint: Path,
-                                                   quantized_model: nn.Module, reference_model: nn.Module,
-                                                   tmp_path: Path) -> None:
+    def test_corrupted_checkpoint_names_the_tensor(
+        self,
+        corruption: str,
+        quantized_checkpoint: Path,
+        quantized_model: nn.Module,
+        reference_model: nn.Module,
+        tmp_path: Path,
+    ) -> None:
+        """Each corruption of :data:`qcore.testing.CORRUPTIONS` makes the reload raise a
+        qcore.QcoreError naming the tensor or file (a truncated file: qcore.CorruptCheckpointError)."""
         if corruption not in self.corruptions:
             pytest.skip(f"{corruption} is not in {type(self).__name__}.corruptions")
         from safetensors import safe_open
@@ -443,7 +527,9 @@ class BackendConformance:
     ) -> tuple[str, str, list[str]]:
         """A quantized module, its largest stored tensor, and its other non-bias tensors."""
         for name in self.linear_names(reference_model):
-            if not self.is_quantized_module(quantized_model.get_submodule(name), reference_model.get_submodule(name)):
+            if not self.is_quantized_module(
+                quantized_model.get_submodule(name), reference_model.get_submodule(name)
+            ):
                 continue
             keys = [k for k in tensors if k.startswith(f"{name}.") and k != f"{name}.bias"]
             if keys:

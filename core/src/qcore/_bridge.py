@@ -1,0 +1,717 @@
+"""The bridge between qcore backends and diffusers' / transformers' own loaders, both ways.
+
+:func:`enable_bridge` registers every installed qcore backend in diffusers' and transformers'
+quantizer tables, so ``FluxTransformer2DModel.from_pretrained(..., quantization_config=Int8Config())``,
+``DiffusionPipeline.from_pretrained(...)`` and transformers' ``from_pretrained`` load through the
+backend's qcore hooks. :func:`config_dict_from_foreign` is the other direction: it turns a diffusers
+or transformers config object into the dict a qcore backend reads.
+
+diffusers and transformers are imported only here, and only when the bridge is enabled.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import torch
+
+from ._config import QuantizationConfig
+from ._errors import (
+    ConfigError,
+    CorruptCheckpointError,
+    QcoreError,
+    QuantizerEnvironmentError,
+    UnexpectedKeysError,
+)
+from ._plugins import make_plugin_manager
+from ._quantizer import Quantizer
+from ._registry import Backend, available_backends, get_backend
+
+logger = logging.getLogger("qcore")
+
+#: The library versions whose loaders the bridge knows: (major, minor) prefixes.
+SUPPORTED_VERSIONS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "diffusers": ((0, 42),),
+    "transformers": ((5,),),
+}
+
+# The names diffusers and transformers file a quant_method under, where they differ from it.
+_LIBRARY_KEYS: dict[str, tuple[str, ...]] = {"bitsandbytes": ("bitsandbytes_4bit", "bitsandbytes_8bit")}
+
+# Fields transformers' config objects write that qcore backends do not have, with the value that
+# means "nothing to do"; any other value is a request qcore cannot honour, so it is an error.
+_KNOWN_EXTRAS: dict[str, Any] = {"include_input_output_embeddings": False, "untie_embedding_weights": False}
+
+
+# --- the reverse direction: foreign config objects ---------------------------------------------
+
+
+def is_foreign_config(obj: Any) -> bool:
+    """Whether ``obj`` is a diffusers or transformers quantization config object (duck-typed)."""
+    module = type(obj).__module__ or ""
+    return (
+        not isinstance(obj, (QuantizationConfig, Mapping))
+        and module.split(".")[0] in ("diffusers", "transformers")
+        and callable(getattr(obj, "to_dict", None))
+        and getattr(obj, "quant_method", None) is not None
+    )
+
+
+def config_dict_from_foreign(obj: Any) -> dict[str, Any]:
+    """The ``to_dict()`` of a diffusers/transformers config, in the form qcore backends read.
+
+    ``quant_method`` becomes a plain string; the fields transformers adds for features qcore has
+    not (``include_input_output_embeddings``, ``untie_embedding_weights``) are dropped when they
+    have their "off" value and refused with a :class:`qcore.ConfigError` otherwise.
+    """
+    name = type(obj).__qualname__
+    try:
+        data = dict(obj.to_dict())
+    except Exception as exc:  # a third party's to_dict
+        raise ConfigError(
+            f"quantization_config {name}.to_dict() failed: {type(exc).__name__}: {exc}",
+            option="quantization_config",
+        ) from exc
+    method = data.get("quant_method", getattr(obj, "quant_method", None))
+    data["quant_method"] = str(getattr(method, "value", method))
+    for key, off in _KNOWN_EXTRAS.items():
+        if key not in data:
+            continue
+        value = data.pop(key)
+        if value != off:
+            raise ConfigError(
+                f"quantization_config {name} sets {key}={value!r}, which qcore backends do not support; "
+                f"leave {key} at {off!r} or load with transformers' own quantizer",
+                option=key,
+            )
+    return data
+
+
+# --- enabling -----------------------------------------------------------------------------------
+
+
+@dataclass
+class BridgeState:
+    """What :func:`enable_bridge` did: per library, the quant_methods now served by qcore backends and
+    those left to the library's own backend."""
+
+    served: dict[str, list[str]] = field(default_factory=dict)
+    kept_native: dict[str, list[str]] = field(default_factory=dict)
+    # (mapping, key, previous value or _ABSENT) for disable_bridge.
+    _undo: list[tuple[dict[str, Any], str, Any]] = field(default_factory=list, repr=False)
+
+
+_ABSENT = object()
+_state: BridgeState | None = None
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("."):
+        digits = "".join(c for c in piece if c.isdigit())
+        if not digits or not piece[: len(digits)].isdigit():
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def check_library_version(library: str) -> str:
+    """The installed version of ``library``; a :class:`qcore.QuantizerEnvironmentError` if unsupported."""
+    installed = version(library)
+    have = _version_tuple(installed)
+    supported = SUPPORTED_VERSIONS[library]
+    if not any(have[: len(prefix)] == prefix for prefix in supported):
+        wanted = " or ".join(".".join(map(str, p)) + ".x" for p in supported)
+        raise QuantizerEnvironmentError(
+            f"qcore's bridge supports {library} {wanted}, but {library} {installed} is installed; its "
+            f"quantizer interface may differ. Install {library} {wanted}, or load with "
+            "qcore.from_pretrained instead of enabling the bridge"
+        )
+    return installed
+
+
+def _installed(library: str) -> bool:
+    try:
+        version(library)
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+def _backends(quant_methods: Iterable[str] | None) -> list[Backend]:
+    if quant_methods is not None:
+        return [get_backend(name) for name in quant_methods]
+    backends = []
+    for info in available_backends():
+        if info.status == "ok":
+            backends.append(get_backend(info.quant_method))
+        elif info.status == "failed":
+            logger.warning("bridge: backend %r is not served: %s", info.quant_method, info.error)
+    return backends
+
+
+def enable_bridge(
+    *,
+    override: bool | Sequence[str] = False,
+    libraries: Sequence[str] | None = None,
+    quant_methods: Sequence[str] | None = None,
+) -> BridgeState:
+    """Let diffusers' and transformers' ``from_pretrained`` load with every installed qcore backend.
+
+    After ``qcore.enable_bridge()``, a qcore config passed as ``quantization_config`` to a diffusers
+    model, a ``DiffusionPipeline`` (through ``PipelineQuantizationConfig``) or a transformers model,
+    and a checkpoint whose config.json names a qcore backend's ``quant_method``, load through that
+    backend's hooks.
+
+    Args:
+        override: a quant_method diffusers or transformers already has (``bitsandbytes``,
+            ``torchao``, ...) stays theirs unless named here (``True``: all of them).
+        libraries: ``("diffusers", "transformers")`` by default, each only if installed; a library
+            named here must be installed.
+        quant_methods: the backends to serve (default: every backend qcore can load).
+
+    Raises :class:`qcore.QuantizerEnvironmentError` for a library version the bridge does not know
+    (diffusers 0.42.x and transformers 5.x are supported). Calling it again replaces the previous
+    registration; :func:`disable_bridge` undoes it.
+    """
+    global _state
+    wanted = (
+        list(libraries) if libraries is not None else [lib for lib in SUPPORTED_VERSIONS if _installed(lib)]
+    )
+    for library in wanted:
+        if library not in SUPPORTED_VERSIONS:
+            raise ConfigError(
+                f"libraries={list(wanted)!r}: the bridge serves {', '.join(SUPPORTED_VERSIONS)}",
+                option="libraries",
+            )
+        if not _installed(library):
+            raise QuantizerEnvironmentError(
+                f"enable_bridge(libraries=...) names {library}, which is not installed"
+            )
+        check_library_version(library)
+    backends = _backends(quant_methods)
+    disable_bridge()
+    state = BridgeState()
+    for library in wanted:
+        _register(library, backends, override, state)
+    _state = state
+    logger.info("bridge enabled: %s; left to the library's own backend: %s", state.served, state.kept_native)
+    return state
+
+
+def disable_bridge() -> None:
+    """Undo :func:`enable_bridge`: diffusers' and transformers' tables are as they were before it."""
+    global _state
+    if _state is None:
+        return
+    for mapping, key, previous in reversed(_state._undo):
+        if previous is _ABSENT:
+            mapping.pop(key, None)
+        else:
+            mapping[key] = previous
+    _state = None
+
+
+def _tables(library: str) -> tuple[dict[str, Any], dict[str, Any], type]:
+    if library == "diffusers":
+        from diffusers.quantizers import auto
+
+        return auto.AUTO_QUANTIZER_MAPPING, auto.AUTO_QUANTIZATION_CONFIG_MAPPING, diffusers_adapter_base()
+    from transformers.quantizers import auto as t_auto
+
+    return t_auto.AUTO_QUANTIZER_MAPPING, t_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, transformers_adapter_base()
+
+
+def _register(
+    library: str, backends: list[Backend], override: bool | Sequence[str], state: BridgeState
+) -> None:
+    quantizers, configs, base = _tables(library)
+    served, kept = state.served.setdefault(library, []), state.kept_native.setdefault(library, [])
+    for backend in backends:
+        method = backend.quant_method
+        keys = _LIBRARY_KEYS.get(method, (method,))
+        native = any(key in quantizers or key in configs for key in keys)
+        if native and not (override is True or (not isinstance(override, bool) and method in override)):
+            kept.append(method)
+            continue
+        adapter = type(
+            f"Qcore{library.capitalize()}Quantizer_{method}",
+            (base,),
+            {"qcore_backend": backend, "__module__": __name__},
+        )
+        for key in keys:
+            for mapping, value in ((quantizers, adapter), (configs, backend.config_class)):
+                state._undo.append((mapping, key, mapping.get(key, _ABSENT)))
+                mapping[key] = value
+        served.append(method)
+
+
+# --- what both adapters share --------------------------------------------------------------------
+
+
+class _MethodName(str):
+    """A quant_method string that also answers ``.value``, as the libraries' enums do."""
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+
+class LibraryConfigView:
+    """A qcore config as diffusers/transformers read ``hf_quantizer.quantization_config``."""
+
+    def __init__(self, config: QuantizationConfig) -> None:
+        self.qcore_config = config
+        self.quant_method = _MethodName(config.quant_method)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.qcore_config.to_dict()
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return self.qcore_config.to_json_string(use_diff=use_diff)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.qcore_config, name)
+
+    def __repr__(self) -> str:
+        return repr(self.qcore_config)
+
+
+class _QcoreDriver:
+    """A qcore quantizer with its own plugin manager, driven from a library's loader."""
+
+    qcore_backend: Backend
+
+    def _start(self, config: Any, pre_quantized: bool) -> QuantizationConfig:
+        backend = self.qcore_backend
+        if isinstance(config, LibraryConfigView):
+            config = config.qcore_config
+        if isinstance(config, Mapping):
+            config = backend.config_class.from_dict(config)
+        elif is_foreign_config(config):
+            config = backend.config_class.from_dict(config_dict_from_foreign(config))
+        if not isinstance(config, backend.config_class):
+            raise ConfigError(
+                f"quantization_config is a {type(config).__qualname__}; the qcore backend for "
+                f"{backend.quant_method!r} reads {backend.config_class.__qualname__}",
+                option="quantization_config",
+            )
+        if not pre_quantized and backend.quantizer_class.requires_calibration:
+            raise ConfigError(
+                f"backend {backend.quant_method!r} reads only pre-quantized checkpoints",
+                option="quantization_config",
+            )
+        config = copy.deepcopy(config)  # the user's object is never mutated
+        self.qcore: Quantizer = backend.quantizer_class(config, pre_quantized=pre_quantized)
+        self.plugins = make_plugin_manager(self.qcore)
+        self.qcore.hooks = self.plugins.hook
+        self.hooks = self.plugins.hook
+        self.qcore_model: torch.nn.Module | None = None
+        self.qcore_torch_dtype: torch.dtype | None = None
+        self.qcore_device_map: Any = None
+        return config
+
+    def _quantize_group(
+        self,
+        model: torch.nn.Module,
+        param_name: str,
+        tensors: Mapping[str, torch.Tensor],
+        device: torch.device,
+        metadata: Mapping[str, str],
+    ) -> bool:
+        """Run the per-parameter hooks on one group; False when the backend leaves it to the library."""
+        q, hooks = self.qcore, self.hooks
+        value = tensors.get(param_name)
+        if not hooks.check_if_quantized_param(
+            quantizer=q, model=model, param_name=param_name, param_value=value, state_dict=tensors
+        ):
+            return False
+        if q.pre_quantized and value is not None:
+            current = model.state_dict(keep_vars=True).get(param_name)
+            if current is not None:
+                hooks.check_quantized_param_shape(
+                    quantizer=q, param_name=param_name, current_param=current, loaded_param=value
+                )
+        try:
+            hooks.create_quantized_param(
+                quantizer=q,
+                model=model,
+                param_name=param_name,
+                param_value=value,
+                target_device=device,
+                state_dict=tensors,
+                metadata=metadata,
+            )
+        except QcoreError:
+            raise
+        except Exception as exc:
+            raise CorruptCheckpointError(
+                f"{param_name!r}: backend {q.quant_method!r} could not create the quantized parameter: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return True
+
+
+def _device_of(param_name: str, device_map: Any) -> torch.device:
+    if device_map is None:
+        return torch.device("cpu")
+    if not isinstance(device_map, Mapping):
+        return torch.device(device_map)
+    name = param_name
+    while True:
+        if name in device_map:
+            return torch.device(device_map[name])
+        if not name:
+            return torch.device("cpu")
+        name = name.rpartition(".")[0]
+
+
+def _safetensors_metadata(files: Sequence[Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """(merged header metadata, key -> file) of the safetensors files among ``files``."""
+    from safetensors import safe_open
+
+    metadata: dict[str, str] = {}
+    key_file: dict[str, str] = {}
+    for path in files:
+        if not isinstance(path, (str, bytes)) and not hasattr(path, "__fspath__"):
+            continue
+        path = str(path)
+        if not path.endswith(".safetensors"):
+            continue
+        with safe_open(path, framework="pt") as handle:
+            metadata.update(handle.metadata() or {})
+            key_file.update(dict.fromkeys(handle.keys(), path))
+    return metadata, key_file
+
+
+# --- diffusers ----------------------------------------------------------------------------------
+
+_diffusers_base: type | None = None
+
+
+def diffusers_adapter_base() -> type:
+    """The DiffusersQuantizer subclass every bridged backend's diffusers quantizer derives from."""
+    global _diffusers_base
+    if _diffusers_base is not None:
+        return _diffusers_base
+    from diffusers.quantizers.base import DiffusersQuantizer
+
+    class QcoreDiffusersQuantizer(_QcoreDriver, DiffusersQuantizer):
+        """Drives a qcore backend's hooks from ``diffusers.ModelMixin.from_pretrained``.
+
+        diffusers hands over one shard's state dict at a time (``maybe_update_state_dict``): the
+        adapter builds the backend's groups there, reading a group's tensors from other shards where
+        needed, creates the quantized parameters through the backend's hooks and gives diffusers
+        back only the tensors the backend leaves unquantized.
+        """
+
+        use_keep_in_fp32_modules = True
+
+        def __init__(self, quantization_config: Any, **kwargs: Any) -> None:
+            DiffusersQuantizer.__init__(self, quantization_config, **kwargs)
+            config = self._start(quantization_config, self.pre_quantized)
+            self.use_keep_in_fp32_modules = self.qcore.use_keep_in_fp32_modules
+            self.requires_calibration = self.qcore.requires_calibration
+            self.quantization_config = LibraryConfigView(config)
+            self.modules_to_not_convert = list(self.qcore.modules_to_not_convert)
+            self._validated = False
+            self._keys: list[str] = []
+            self._files: list[Any] = []
+            self._groups: dict[str, list[str]] = {}
+            self._member: dict[str, str] = {}
+            self._done: set[str] = set()
+            self._metadata: dict[str, str] = {}
+            self._key_file: dict[str, str] = {}
+
+        # stage 2
+        def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+            if self._validated:  # diffusers asks again once the device map is final
+                self.qcore_device_map = kwargs.get("device_map", self.qcore_device_map)
+                return
+            self._validated = True
+            self.qcore_device_map = kwargs.get("device_map")
+            self.hooks.validate_environment(
+                quantizer=self.qcore, torch_dtype=kwargs.get("torch_dtype"), device_map=self.qcore_device_map
+            )
+
+        def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+            self.qcore_torch_dtype = self.hooks.update_torch_dtype(
+                quantizer=self.qcore, torch_dtype=torch_dtype
+            )
+            return self.qcore_torch_dtype
+
+        def update_device_map(self, device_map: Any) -> Any:
+            return self.hooks.update_device_map(quantizer=self.qcore, device_map=device_map)
+
+        def adjust_target_dtype(self, torch_dtype: torch.dtype) -> torch.dtype:
+            return self.hooks.adjust_target_dtype(quantizer=self.qcore, torch_dtype=torch_dtype)
+
+        def get_special_dtypes_update(
+            self, model: torch.nn.Module, torch_dtype: torch.dtype
+        ) -> dict[str, Any]:
+            return self.hooks.get_special_dtypes_update(
+                quantizer=self.qcore, model=model, torch_dtype=torch_dtype
+            )
+
+        def adjust_max_memory(self, max_memory: dict[Any, Any]) -> dict[Any, Any]:
+            return self.hooks.adjust_max_memory(quantizer=self.qcore, max_memory=max_memory)
+
+        # stage 4
+        def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[Any]) -> list[str]:
+            self._keys, self._files = list(loaded_keys), list(checkpoint_files)
+            self._metadata, self._key_file = _safetensors_metadata(self._files)
+            # The same list object comes back in update_missing_keys, where the groups are known.
+            self._loaded_keys = loaded_keys
+            return loaded_keys
+
+        def _process_model_before_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
+            self.qcore_model = model
+            self.hooks.preprocess_model(
+                quantizer=self.qcore,
+                model=model,
+                device_map=kwargs.get("device_map"),
+                keep_in_fp32_modules=list(kwargs.get("keep_in_fp32_modules") or []),
+            )
+            groups = self.hooks.group_checkpoint_keys(
+                quantizer=self.qcore, model=model, checkpoint_keys=self._keys, metadata=self._metadata
+            )
+            expected = model.state_dict(keep_vars=True)
+            unexpected = [name for name in groups if name not in expected]
+            if unexpected:
+                raise UnexpectedKeysError(unexpected, "the checkpoint")
+            self._groups = {name: list(keys) for name, keys in groups.items()}
+            self._member = {key: name for name, keys in self._groups.items() for key in keys}
+
+        def update_missing_keys(
+            self, model: torch.nn.Module, missing_keys: list[str], prefix: str
+        ) -> list[str]:
+            covered = set(self._groups)
+            # Keys that only feed a group (statistics, packed parts) are not "unexpected" to the model.
+            loaded = getattr(self, "_loaded_keys", None)
+            if loaded is not None:
+                loaded[:] = [key for key in loaded if key in covered or self._member.get(key) is None]
+            missing = [key for key in missing_keys if key not in covered]
+            return self.hooks.update_missing_keys(
+                quantizer=self.qcore, model=model, missing_keys=missing, prefix=prefix
+            )
+
+        # stage 5
+        @property
+        def supports_parallel_loading(self) -> bool:
+            return False  # the hooks change the model; one shard at a time
+
+        def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+            model = self.qcore_model
+            assert model is not None, "diffusers loads weights after preprocess_model"
+            consumed: set[str] = set()
+            pending = {self._member.get(key, key) for key in state_dict} - self._done
+            for name in sorted(pending):
+                keys = self._groups.get(name, [name])
+                tensors = {key: self._tensor(key, state_dict) for key in keys}
+                device = _device_of(name, self.qcore_device_map)
+                if self._quantize_group(model, name, tensors, device, self._metadata):
+                    consumed.update(keys)
+                self._done.add(name)
+            return {key: value for key, value in state_dict.items() if key not in consumed}
+
+        def _tensor(self, key: str, state_dict: Mapping[str, Any]) -> torch.Tensor:
+            if key in state_dict:
+                return state_dict[key]
+            # A group split over shards: read the part another shard holds.
+            from safetensors import safe_open
+
+            path = self._key_file.get(key)
+            if path is None:
+                from ._errors import MissingKeysError
+
+                raise MissingKeysError([key], "the checkpoint")
+            with safe_open(path, framework="pt") as handle:
+                return handle.get_tensor(key)
+
+        def check_if_quantized_param(self, *args: Any, **kwargs: Any) -> bool:
+            return False  # every quantized group was created in maybe_update_state_dict
+
+        def create_quantized_param(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+        # stage 6
+        def _process_model_after_weight_loading(
+            self, model: torch.nn.Module, **kwargs: Any
+        ) -> torch.nn.Module:
+            self.hooks.postprocess_model(quantizer=self.qcore, model=model)
+            self.qcore.pre_quantization_dtype = self.qcore_torch_dtype
+            return model
+
+        def _dequantize(self, model: torch.nn.Module) -> torch.nn.Module:
+            return self.hooks.dequantize(quantizer=self.qcore, model=model)
+
+        def get_state_dict_and_metadata(
+            self, state_dict: dict[str, Any], safe_serialization: bool = False
+        ) -> tuple[dict[str, Any], dict[str, Any]]:
+            return self.hooks.get_state_dict_and_metadata(
+                quantizer=self.qcore, model=self.qcore_model, state_dict=state_dict
+            )
+
+        @property
+        def is_serializable(self) -> bool:
+            return bool(self.hooks.is_serializable(quantizer=self.qcore))
+
+        @property
+        def is_trainable(self) -> bool:
+            return self.qcore.is_trainable
+
+        @property
+        def is_compileable(self) -> bool:
+            return self.qcore.is_compileable
+
+    _diffusers_base = QcoreDiffusersQuantizer
+    return QcoreDiffusersQuantizer
+
+
+# --- transformers -------------------------------------------------------------------------------
+
+_transformers_base: type | None = None
+
+
+def transformers_adapter_base() -> type:
+    """The HfQuantizer subclass every bridged backend's transformers quantizer derives from.
+
+    transformers 5 loads tensor by tensor through conversion operations: quantize-on-load calls the
+    backend's ``create_quantized_param`` for each weight it claims; a pre-quantized checkpoint
+    whose keys are the quantized modules' own state-dict keys (as the int8 example's) loads as
+    stored, unconverted.
+    """
+    global _transformers_base
+    if _transformers_base is not None:
+        return _transformers_base
+    from transformers.core_model_loading import ConversionOps
+    from transformers.quantizers.base import HfQuantizer
+
+    class QcoreQuantizeOp(ConversionOps):
+        def __init__(self, adapter: Any) -> None:
+            self.adapter = adapter
+
+        def convert(
+            self,
+            input_dict: dict[str, Any],
+            model: torch.nn.Module | None = None,
+            full_layer_name: str | None = None,
+            missing_keys: Any = None,
+            **kwargs: Any,
+        ) -> dict[str, torch.Tensor]:
+            value = next(iter(input_dict.values()))
+            value = value[0] if isinstance(value, list) else value
+            assert model is not None and full_layer_name is not None
+            adapter = self.adapter
+            done = adapter._quantize_group(model, full_layer_name, {full_layer_name: value}, value.device, {})
+            if not done:
+                return {full_layer_name: value}
+            module_name = full_layer_name.rpartition(".")[0]
+            # Without the mark, transformers' weight init would overwrite what the backend created.
+            module = model.get_submodule(module_name)
+            module._is_hf_initialized = True
+            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                tensor._is_hf_initialized = True
+            if missing_keys is not None:
+                own = [k for k in missing_keys if k.rpartition(".")[0] == module_name]
+                still = set(
+                    adapter.hooks.update_missing_keys(
+                        quantizer=adapter.qcore,
+                        model=model,
+                        missing_keys=[k for k in own if k != full_layer_name],
+                        prefix="",
+                    )
+                )
+                for key in own:
+                    if key not in still:
+                        missing_keys.discard(key)
+            return {}
+
+    class QcoreTransformersQuantizer(_QcoreDriver, HfQuantizer):
+        """Drives a qcore backend's hooks from ``transformers.PreTrainedModel.from_pretrained``."""
+
+        def __init__(self, quantization_config: Any, **kwargs: Any) -> None:
+            HfQuantizer.__init__(self, quantization_config, **kwargs)
+            config = self._start(quantization_config, self.pre_quantized)
+            self.quantization_config = config
+            self.requires_calibration = self.qcore.requires_calibration
+
+        def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+            # transformers calls this before the dtype is known; qcore's hook runs in update_dtype.
+            self.qcore_device_map = kwargs.get("device_map")
+
+        def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+            self.hooks.validate_environment(
+                quantizer=self.qcore, torch_dtype=dtype, device_map=self.qcore_device_map
+            )
+            self.qcore_torch_dtype = (
+                self.hooks.update_torch_dtype(quantizer=self.qcore, torch_dtype=dtype) or dtype
+            )
+            return self.qcore_torch_dtype
+
+        def update_device_map(self, device_map: Any) -> Any:
+            return self.hooks.update_device_map(quantizer=self.qcore, device_map=device_map)
+
+        def adjust_max_memory(self, max_memory: dict[Any, Any]) -> dict[Any, Any]:
+            return self.hooks.adjust_max_memory(quantizer=self.qcore, max_memory=max_memory)
+
+        def _process_model_before_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
+            self.qcore_model = model
+            keep = (
+                list(getattr(model, "_keep_in_fp32_modules", None) or [])
+                if self.qcore.use_keep_in_fp32_modules
+                else []
+            )
+            self.hooks.preprocess_model(
+                quantizer=self.qcore,
+                model=model,
+                device_map=kwargs.get("device_map"),
+                keep_in_fp32_modules=keep,
+            )
+
+        def param_needs_quantization(self, model: torch.nn.Module, param_name: str, **kwargs: Any) -> bool:
+            if self.pre_quantized:
+                return False
+            return bool(
+                self.hooks.check_if_quantized_param(
+                    quantizer=self.qcore, model=model, param_name=param_name, param_value=None, state_dict={}
+                )
+            )
+
+        def get_quantize_ops(self) -> Any:
+            return QcoreQuantizeOp(self)
+
+        def _process_model_after_weight_loading(
+            self, model: torch.nn.Module, **kwargs: Any
+        ) -> torch.nn.Module:
+            self.hooks.postprocess_model(quantizer=self.qcore, model=model)
+            self.qcore.pre_quantization_dtype = self.qcore_torch_dtype
+            return model
+
+        def _dequantize(self, model: torch.nn.Module, dtype: Any = None) -> torch.nn.Module:
+            return self.hooks.dequantize(quantizer=self.qcore, model=model)
+
+        def get_state_dict_and_metadata(self, model: torch.nn.Module) -> tuple[Any, dict[str, str]]:
+            state_dict, metadata = self.hooks.get_state_dict_and_metadata(
+                quantizer=self.qcore, model=model, state_dict=model.state_dict()
+            )
+            return state_dict, metadata
+
+        def is_serializable(self) -> bool:
+            return bool(self.hooks.is_serializable(quantizer=self.qcore))
+
+        @property
+        def is_trainable(self) -> bool:
+            return self.qcore.is_trainable
+
+        @property
+        def is_compileable(self) -> bool:
+            return self.qcore.is_compileable
+
+    _transformers_base = QcoreTransformersQuantizer
+    return QcoreTransformersQuantizer

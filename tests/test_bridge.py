@@ -1,0 +1,286 @@
+"""qcore.enable_bridge: qcore backends served by diffusers' and transformers' own from_pretrained, and
+diffusers/transformers config objects accepted by qcore.from_pretrained.
+
+Real diffusers 0.42 / transformers 5 loaders, the installed example backend qcore-int8 and the
+installed qcore-torchao / qcore-bnb; every result is compared with qcore.from_pretrained's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import qcore
+from helpers.models import flux_inputs, tiny_flux_config
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+from diffusers import FluxTransformer2DModel  # noqa: E402
+from diffusers.quantizers import auto as diffusers_auto  # noqa: E402
+from transformers.quantizers import auto as transformers_auto  # noqa: E402
+
+from qcore_int8 import Int8Config, Int8Linear  # noqa: E402
+
+
+@pytest.fixture
+def bridge() -> Iterator[Any]:
+    state = qcore.enable_bridge()
+    try:
+        yield state
+    finally:
+        qcore.disable_bridge()
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("bridge") / "flux-bf16"
+    torch.manual_seed(0)
+    FluxTransformer2DModel(**tiny_flux_config()).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def _flux_out(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**flux_inputs())[0]
+
+
+def _qcore_int8(flux_dir: Path) -> torch.nn.Module:
+    return qcore.from_pretrained(
+        FluxTransformer2DModel, flux_dir, quantization_config=Int8Config(), torch_dtype=torch.bfloat16
+    )
+
+
+# --- registration --------------------------------------------------------------------------------
+
+
+def test_import_qcore_imports_neither_library() -> None:
+    code = "import sys, qcore; print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_enable_registers_int8_and_keeps_native_backends(bridge: Any) -> None:
+    assert "int8" in bridge.served["diffusers"] and "int8" in bridge.served["transformers"]
+    for library in ("diffusers", "transformers"):
+        assert {"bitsandbytes", "torchao"} <= set(bridge.kept_native[library])
+    assert diffusers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING["int8"] is Int8Config
+    assert transformers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING["int8"] is Int8Config
+    # Without override, diffusers' and transformers' own backends are untouched.
+    assert diffusers_auto.AUTO_QUANTIZER_MAPPING["torchao"].__module__.startswith("diffusers.")
+    assert diffusers_auto.AUTO_QUANTIZER_MAPPING["bitsandbytes_4bit"].__module__.startswith("diffusers.")
+    assert transformers_auto.AUTO_QUANTIZER_MAPPING["torchao"].__module__.startswith("transformers.")
+
+
+def test_disable_restores_the_tables() -> None:
+    before = dict(diffusers_auto.AUTO_QUANTIZER_MAPPING), dict(transformers_auto.AUTO_QUANTIZER_MAPPING)
+    qcore.enable_bridge(override=True)
+    assert diffusers_auto.AUTO_QUANTIZER_MAPPING["torchao"] is not before[0]["torchao"]
+    qcore.disable_bridge()
+    assert dict(diffusers_auto.AUTO_QUANTIZER_MAPPING) == before[0]
+    assert dict(transformers_auto.AUTO_QUANTIZER_MAPPING) == before[1]
+    assert "int8" not in diffusers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING
+
+
+def test_unsupported_library_version_is_a_qcore_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qcore import _bridge
+
+    monkeypatch.setattr(_bridge, "version", lambda name: "0.30.0" if name == "diffusers" else "5.23.0")
+    with pytest.raises(qcore.QuantizerEnvironmentError, match=r"diffusers 0\.42\.x.*diffusers 0\.30\.0"):
+        qcore.enable_bridge()
+    assert "int8" not in diffusers_auto.AUTO_QUANTIZER_MAPPING  # nothing half-registered
+
+
+def test_unknown_library_is_a_config_error() -> None:
+    with pytest.raises(qcore.ConfigError, match="libraries"):
+        qcore.enable_bridge(libraries=["keras"])
+
+
+# --- diffusers ------------------------------------------------------------------------------------
+
+
+def test_diffusers_quantize_on_load_equals_qcore(bridge: Any, flux_dir: Path) -> None:
+    model = FluxTransformer2DModel.from_pretrained(
+        flux_dir, quantization_config=Int8Config(), torch_dtype=torch.bfloat16
+    )
+    assert isinstance(model.transformer_blocks[0].attn.to_q, Int8Linear)
+    assert model.is_quantized and model.quantization_method == "int8"
+    assert torch.equal(_flux_out(model), _flux_out(_qcore_int8(flux_dir)))
+
+
+def test_qcore_checkpoint_loads_through_plain_diffusers(bridge: Any, flux_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint saved by qcore (quant_method "int8", sharded so a weight and its scale may part)."""
+    reference = _qcore_int8(flux_dir)
+    qcore.save_pretrained(reference, tmp_path / "int8", max_shard_size=30_000)
+    assert len(list((tmp_path / "int8").glob("*.safetensors"))) > 1
+    model = FluxTransformer2DModel.from_pretrained(tmp_path / "int8")
+    assert model.hf_quantizer.pre_quantized
+    assert model.transformer_blocks[0].attn.to_q.weight.dtype == torch.int8
+    assert torch.equal(_flux_out(model), _flux_out(reference))
+
+
+def test_diffusers_checkpoint_loads_through_qcore(bridge: Any, flux_dir: Path, tmp_path: Path) -> None:
+    model = FluxTransformer2DModel.from_pretrained(
+        flux_dir, quantization_config=Int8Config(), torch_dtype=torch.bfloat16
+    )
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["quantization_config"] == Int8Config().to_dict()
+    again = qcore.from_pretrained(FluxTransformer2DModel, tmp_path / "saved")
+    assert torch.equal(_flux_out(again), _flux_out(model))
+    model.dequantize()
+    assert type(model.transformer_blocks[0].attn.to_q) is torch.nn.Linear
+
+
+def test_diffusion_pipeline_with_pipeline_quantization_config(bridge: Any, tmp_path: Path) -> None:
+    from diffusers import DiffusionPipeline, PipelineQuantizationConfig
+
+    from helpers.pipelines import run_pipeline, tiny_flux_pipeline
+
+    tiny_flux_pipeline(tmp_path / "pipe")
+    config = PipelineQuantizationConfig(
+        quant_mapping={"transformer": Int8Config(), "text_encoder_2": Int8Config()}
+    )
+    pipe = DiffusionPipeline.from_pretrained(
+        tmp_path / "pipe", quantization_config=config, torch_dtype=torch.bfloat16
+    )
+    assert isinstance(pipe.transformer.transformer_blocks[0].attn.to_q, Int8Linear)
+    assert isinstance(pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q, Int8Linear)
+    latents = run_pipeline(pipe)
+    assert torch.isfinite(latents).all()
+    # The pipeline saved with its quantized components loads again with no config at all.
+    pipe.save_pretrained(tmp_path / "pipe-int8")
+    again = DiffusionPipeline.from_pretrained(tmp_path / "pipe-int8", torch_dtype=torch.bfloat16)
+    assert again.transformer.hf_quantizer.pre_quantized
+    assert torch.equal(run_pipeline(again), latents)
+
+
+def test_torchao_serves_diffusers_only_with_override(flux_dir: Path) -> None:
+    from qcore_torchao import TorchAoConfig
+
+    qcore.enable_bridge(override=["torchao"])
+    try:
+        model = FluxTransformer2DModel.from_pretrained(
+            flux_dir, quantization_config=TorchAoConfig("int8wo"), torch_dtype=torch.bfloat16
+        )
+        assert type(model.hf_quantizer).__module__ == "qcore._bridge"
+    finally:
+        qcore.disable_bridge()
+    reference = qcore.from_pretrained(
+        FluxTransformer2DModel,
+        flux_dir,
+        quantization_config=TorchAoConfig("int8wo"),
+        torch_dtype=torch.bfloat16,
+    )
+    assert torch.equal(_flux_out(model), _flux_out(reference))
+
+
+# --- transformers ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bridge") / "llama"
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.arange(12)[None]).logits
+
+
+def test_transformers_quantize_on_load_and_reload(bridge: Any, llama_dir: Path, tmp_path: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(
+        llama_dir, quantization_config=Int8Config(), dtype=torch.bfloat16
+    )
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, Int8Linear) and q_proj.weight.dtype == torch.int8
+    assert q_proj.weight_scale.dtype == torch.float32
+    reference = LlamaForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16)
+    out, expected = _logits(model), _logits(reference)
+    error = float((out.float() - expected.float()).norm() / expected.float().norm())
+    assert 0 < error < 0.05
+    # The int8 weights are exactly those qcore's own per-channel quantization makes.
+    from qcore_int8 import quantize_per_channel
+
+    q, scale = quantize_per_channel(reference.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(q_proj.weight, q) and torch.equal(q_proj.weight_scale, scale)
+
+    model.save_pretrained(tmp_path / "llama-int8")
+    saved = json.loads((tmp_path / "llama-int8" / "config.json").read_text())
+    assert saved["quantization_config"]["quant_method"] == "int8"
+    again = LlamaForCausalLM.from_pretrained(tmp_path / "llama-int8")
+    assert again.hf_quantizer.pre_quantized
+    assert torch.equal(_logits(again), out)
+
+
+# --- the reverse direction: diffusers/transformers config objects in qcore ---------------------------
+
+
+def test_foreign_config_dicts() -> None:
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    from qcore._bridge import config_dict_from_foreign, is_foreign_config
+
+    t_config = transformers.TorchAoConfig(Int8WeightOnlyConfig())
+    assert is_foreign_config(t_config) and not is_foreign_config(Int8Config()) and not is_foreign_config({})
+    data = config_dict_from_foreign(t_config)
+    assert data["quant_method"] == "torchao" and type(data["quant_method"]) is str
+    assert "include_input_output_embeddings" not in data and "untie_embedding_weights" not in data
+    t_config.include_input_output_embeddings = True
+    with pytest.raises(qcore.ConfigError, match="include_input_output_embeddings"):
+        config_dict_from_foreign(t_config)
+
+
+@pytest.mark.parametrize("library", ["diffusers", "transformers"])
+def test_qcore_loads_with_foreign_torchao_config(library: str, flux_dir: Path) -> None:
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    from qcore_torchao import TorchAoConfig
+
+    foreign = sys.modules[library].TorchAoConfig(Int8WeightOnlyConfig())
+    model = qcore.from_pretrained(
+        FluxTransformer2DModel, flux_dir, quantization_config=foreign, torch_dtype=torch.bfloat16
+    )
+    reference = qcore.from_pretrained(
+        FluxTransformer2DModel,
+        flux_dir,
+        quantization_config=TorchAoConfig(Int8WeightOnlyConfig()),
+        torch_dtype=torch.bfloat16,
+    )
+    assert model.hf_quantizer.quantization_config == reference.hf_quantizer.quantization_config
+    assert torch.equal(_flux_out(model), _flux_out(reference))
+
+
+@pytest.mark.parametrize("library", ["diffusers", "transformers"])
+def test_qcore_loads_with_foreign_bitsandbytes_config(library: str, flux_dir: Path) -> None:
+    from qcore_bnb import BitsAndBytesConfig
+
+    options = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    foreign = sys.modules[library].BitsAndBytesConfig(**options)
+    model = qcore.from_pretrained(
+        FluxTransformer2DModel, flux_dir, quantization_config=foreign, torch_dtype=torch.bfloat16
+    )
+    assert model.hf_quantizer.quantization_config == BitsAndBytesConfig(**options)
+    assert torch.isfinite(_flux_out(model)).all()
