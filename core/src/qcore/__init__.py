@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._bridge import disable_bridge, enable_bridge
 from ._checkpoint import CheckpointFiles, locate_checkpoint
 from ._config import QuantizationConfig, merge_quantization_configs
 from ._converters import CONVERTERS_GROUP, KeyConverter, RowRange
@@ -125,4 +126,7 @@ __all__ = [
     "DequantizeError",
     "CheckpointWriteError",
     "__version__",
+    # diffusers and transformers loaders
+    "enable_bridge",
+    "disable_bridge",
 ]

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import pluggy
 import torch
 
+from ._bridge import config_dict_from_foreign, is_foreign_config
 from ._checkpoint import CheckpointFiles, CheckpointReader, locate_checkpoint, read_json
 from ._config import QuantizationConfig, merge_quantization_configs
 from ._errors import (
@@ -139,6 +140,8 @@ def resolve_quantization(
     pre_quantized = checkpoint_config is not None
     if not pre_quantized and user_config is None:
         return None
+    if is_foreign_config(user_config):  # a diffusers/transformers config object
+        user_config = config_dict_from_foreign(user_config)
     if user_config is not None and isinstance(user_config, QuantizationConfig):
         user_config = copy.deepcopy(user_config)  # the user's object is never mutated
     if pre_quantized:
