@@ -207,13 +207,13 @@ class TorchAoQuantizer(qcore.Quantizer):
             entry = copy.deepcopy(self._entries[param_name])
             prefix = flattened_key(param_name, "")
             parts = {key[len(prefix) :]: value.to(target_device) for key, value in state_dict.items()}
+            self._check_parts(param_name, entry, expected, parts)
             weight = build_tensor(entry, parts, param_name, self._where)
             if tuple(weight.shape) != expected:
                 raise qcore.ShapeMismatchError(
                     f"{param_name!r} in {self._where} rebuilds to shape {tuple(weight.shape)}, the model "
                     f"expects {expected}"
                 )
-            self._check_parts(param_name, entry["_type"], weight, parts)
             if target_device.type == "cpu":
                 self._checks.verify(ADVICE)  # reading CPU results does not wait for anything
             module._parameters[tensor_name] = nn.Parameter(weight, requires_grad=False)
@@ -244,9 +244,13 @@ class TorchAoQuantizer(qcore.Quantizer):
             ) from exc
 
     def _check_parts(
-        self, param_name: str, kind: str, weight: Any, parts: Mapping[str, torch.Tensor]
+        self,
+        param_name: str,
+        entry: Mapping[str, Any],
+        shape: tuple[int, ...],
+        parts: Mapping[str, torch.Tensor],
     ) -> None:
-        """Check a rebuilt weight's inner tensors against what the weight needs.
+        """Check a weight's inner tensors against what the weight (of the model's ``shape``) needs.
 
         torchao rebuilds a tensor from any parts whose shapes broadcast: a scale of shape (1,) for 64
         rows, or of the wrong length, would give wrong outputs or fail at the first forward. Each
@@ -260,8 +264,8 @@ class TorchAoQuantizer(qcore.Quantizer):
                     flattened_key(param_name, part),
                     "holds NaN or infinite values",
                 )
-        shape = tuple(weight.shape)
-        block = getattr(weight, "block_size", None)
+        kind = entry["_type"]
+        block = entry["_data"].get("block_size")
         if block is None:
             return  # formats without per-block statistics (MX, NVFP4) carry their own checks
         block = tuple(block) if isinstance(block, (list, tuple)) else (block,)
@@ -277,7 +281,7 @@ class TorchAoQuantizer(qcore.Quantizer):
         if kind in UNPACKED_TYPES and qdata is not None and tuple(qdata.shape) != shape:
             raise qcore.CorruptCheckpointError(
                 f"{self._where}: {flattened_key(param_name, 'qdata')!r} has shape {tuple(qdata.shape)}, "
-                f"{param_name!r} needs {shape}. {ADVICE}"
+                f"{param_name!r} of the model needs {shape}. {ADVICE}"
             )
         for part in BLOCK_STAT_PARTS:
             tensor = parts.get(part)
