@@ -97,7 +97,7 @@ def load_pipeline(
             root,
             subfolder=name,
             quantization_config=config,
-            torch_dtype=dtype,
+            torch_dtype=dtype or _saved_dtype(root / name),
             device_map=device_map,
             variant=variant,
         )
@@ -271,6 +271,14 @@ def _entries(model_index: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
 def _is_prequantized(component_dir: Path) -> bool:
     config = component_dir / "config.json"
     return config.is_file() and read_json(config).get("quantization_config") is not None
+
+
+def _saved_dtype(component_dir: Path) -> torch.dtype | None:
+    """The dtype a pre-quantized component was quantized from: what its other weights load in."""
+    config = component_dir / "config.json"
+    name = read_json(config).get("_pre_quantization_dtype") if config.is_file() else None
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def _pipeline_directory(

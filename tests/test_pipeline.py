@@ -1,0 +1,297 @@
+"""qcore.load_pipeline on a tiny FluxPipeline (random weights) built on the fly, against diffusers' own
+PipelineQuantizationConfig: loading, mixing backends, saving through diffusers' methods, reloading."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import qcore
+from helpers.pipelines import run_pipeline, tiny_flux_pipeline
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+bnb = pytest.importorskip("bitsandbytes")
+pytest.importorskip("torchao")
+from torchao.quantization import Int8WeightOnlyConfig  # noqa: E402
+
+from qcore_bnb import BitsAndBytesConfig  # noqa: E402
+from qcore_torchao import TorchAoConfig  # noqa: E402
+
+COMPONENTS = ["scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae"]
+
+
+def nf4() -> BitsAndBytesConfig:
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+
+
+def int8wo() -> TorchAoConfig:
+    return TorchAoConfig(Int8WeightOnlyConfig())
+
+
+def t5_int8wo_for_transformers() -> Any:
+    # transformers 5.23's torchao path matches skip names against parameter names ("...wo.weight"), so
+    # T5's _keep_in_fp32_modules=["wo"] never matches and it quantizes wo; bitsandbytes there (and
+    # qcore with every backend) keeps wo unquantized. The pattern makes transformers skip wo as well.
+    return transformers.TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=[r".*\.wo"])
+
+
+@pytest.fixture(scope="session")
+def flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("pipelines") / "tiny-flux"
+    tiny_flux_pipeline(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mixed(flux_dir: Path) -> Any:
+    """nf4 transformer + int8 weight-only T5, loaded by qcore."""
+    return qcore.load_pipeline(
+        diffusers.FluxPipeline,
+        flux_dir,
+        quantization_config={"transformer": nf4(), "text_encoder_2": int8wo()},
+        torch_dtype=torch.bfloat16,
+    )
+
+
+def diffusers_pipeline(flux_dir: Path, mapping: dict[str, Any], **kwargs: Any) -> Any:
+    config = diffusers.PipelineQuantizationConfig(quant_mapping=mapping)
+    return diffusers.FluxPipeline.from_pretrained(
+        flux_dir, torch_dtype=torch.bfloat16, quantization_config=config, **kwargs
+    )
+
+
+def test_returns_the_diffusers_pipeline_with_the_chosen_components_quantized(mixed: Any) -> None:
+    assert isinstance(mixed, diffusers.FluxPipeline)
+    assert isinstance(mixed.transformer.transformer_blocks[0].attn.to_q, bnb.nn.Linear4bit)
+    t5 = mixed.text_encoder_2
+    assert type(t5.encoder.block[0].layer[0].SelfAttention.q.weight).__name__ == "Int8Tensor"
+    assert type(t5.encoder.block[0].layer[1].DenseReluDense.wo.weight) is torch.nn.Parameter  # kept
+    assert t5.shared.weight is t5.encoder.embed_tokens.weight  # tied after loading
+    # Not quantized: loaded by diffusers itself, in the requested dtype.
+    assert not getattr(mixed.text_encoder, "is_quantized", False)
+    assert {p.dtype for p in mixed.vae.parameters()} == {torch.bfloat16}
+
+
+def test_nf4_and_int8wo_equal_diffusers_pipeline_quantization(
+    flux_dir: Path, mixed: Any, monkeypatch
+) -> None:
+    mapping = {
+        "transformer": diffusers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        ),
+        "text_encoder_2": t5_int8wo_for_transformers(),
+    }
+    with pytest.raises(RuntimeError, match="No GPU found"):  # diffusers refuses bitsandbytes on CPU
+        diffusers_pipeline(flux_dir, mapping)
+    # Past that check diffusers quantizes on CPU with bitsandbytes like qcore does; its Linear4bit
+    # layers use bitsandbytes' portable CPU kernel, as qcore's do (the AVX512-BF16 repack fails for
+    # layers narrower than a quantization block, 64).
+    from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuantizer
+
+    monkeypatch.setattr(BnB4BitDiffusersQuantizer, "validate_environment", lambda self, *a, **k: None)
+    reference = diffusers_pipeline(flux_dir, mapping, device_map="cpu")
+    for module in reference.transformer.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    # The same quantization of the same weights with the same kernels: equal to the bit.
+    assert torch.equal(run_pipeline(mixed), run_pipeline(reference))
+
+
+def test_one_torchao_config_equals_diffusers_pipeline_quantization(flux_dir: Path) -> None:
+    ours = qcore.load_pipeline(
+        diffusers.FluxPipeline, flux_dir, quantization_config=int8wo(), torch_dtype=torch.bfloat16
+    )
+    theirs = diffusers_pipeline(
+        flux_dir,
+        {
+            "transformer": diffusers.TorchAoConfig(Int8WeightOnlyConfig()),
+            "text_encoder_2": t5_int8wo_for_transformers(),
+        },
+    )
+    # The default for one config: the denoiser and T5, not CLIP.
+    assert getattr(ours.transformer, "is_quantized", False) and ours.text_encoder_2.is_quantized
+    assert not getattr(ours.text_encoder, "is_quantized", False)
+    assert torch.equal(run_pipeline(ours), run_pipeline(theirs))
+
+
+def test_default_components_and_list_form(flux_dir: Path) -> None:
+    index = json.loads((flux_dir / "model_index.json").read_text())
+    assert qcore.load_pipeline.__module__ == "qcore._pipeline"
+    from qcore._pipeline import default_quantized_components
+
+    assert default_quantized_components(index) == ["text_encoder_2", "transformer"] or sorted(
+        default_quantized_components(index)
+    ) == ["text_encoder_2", "transformer"]
+    pipe = qcore.load_pipeline(
+        diffusers.FluxPipeline, flux_dir, quantization_config=int8wo(), components=["text_encoder"]
+    )
+    assert pipe.text_encoder.is_quantized and not getattr(pipe.transformer, "is_quantized", False)
+
+
+def test_unknown_component_is_an_error_listing_the_components(flux_dir: Path) -> None:
+    with pytest.raises(qcore.ConfigError) as info:
+        qcore.load_pipeline(diffusers.FluxPipeline, flux_dir, quantization_config={"text_encoder_3": nf4()})
+    message = str(info.value)
+    assert "text_encoder_3" in message and all(name in message for name in COMPONENTS)
+    with pytest.raises(qcore.ConfigError, match="only models"):
+        qcore.load_pipeline(
+            diffusers.FluxPipeline, flux_dir, quantization_config=nf4(), components=["tokenizer_2"]
+        )
+    with pytest.raises(qcore.ConfigError, match="transformr"):
+        qcore.load_pipeline(
+            diffusers.FluxPipeline, flux_dir, quantization_config=nf4(), components=["transformr"]
+        )
+
+
+def test_saved_pipeline_reloads_without_configuration(mixed: Any, tmp_path: Path) -> None:
+    target = tmp_path / "flux-nf4-int8wo"
+    mixed.save_pretrained(target)  # diffusers' own method
+    assert (target / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (target / "text_encoder_2" / "model.safetensors").is_file()
+    t5_config = json.loads((target / "text_encoder_2" / "config.json").read_text())
+    assert t5_config["quantization_config"]["quant_method"] == "torchao"
+    assert t5_config["architectures"] == ["T5EncoderModel"]
+    reloaded = qcore.load_pipeline(diffusers.DiffusionPipeline, target)
+    assert type(reloaded).__name__ == "FluxPipeline"
+    assert isinstance(reloaded.transformer.transformer_blocks[0].attn.to_q, bnb.nn.Linear4bit)
+    # The other weights load in the dtype the components were quantized from (bfloat16 here).
+    assert reloaded.transformer.norm_out.linear.bias.dtype == torch.bfloat16
+    assert torch.equal(run_pipeline(reloaded), run_pipeline(mixed))
+
+
+def test_plain_diffusers_reloads_a_torchao_pipeline(flux_dir: Path, tmp_path: Path) -> None:
+    pipe = qcore.load_pipeline(
+        diffusers.FluxPipeline, flux_dir, quantization_config=int8wo(), torch_dtype=torch.bfloat16
+    )
+    pipe.save_pretrained(tmp_path / "flux-int8wo")
+    theirs = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "flux-int8wo", torch_dtype=torch.bfloat16)
+    assert (
+        type(theirs.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q.weight).__name__ == "Int8Tensor"
+    )
+    assert torch.equal(run_pipeline(theirs), run_pipeline(pipe))
+
+
+def test_model_save_pretrained_and_push_to_hub_write_what_qcore_writes(
+    mixed: Any, tmp_path: Path, monkeypatch
+) -> None:
+    def files(directory: Path) -> dict[str, Any]:
+        """Bytes of each file; metadata and tensors of safetensors files (torchao orders metadata freely)."""
+        from safetensors import safe_open
+
+        found: dict[str, Any] = {}
+        for path in sorted(directory.iterdir()):
+            if path.suffix != ".safetensors":
+                found[path.name] = path.read_bytes()
+                continue
+            with safe_open(str(path), "pt") as f:
+                found[path.name] = (
+                    f.metadata(),
+                    {k: f.get_tensor(k).view(-1).view(torch.uint8) for k in f.keys()},
+                )
+        return found
+
+    def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        if a.keys() != b.keys():
+            return False
+        for name in a:
+            if isinstance(a[name], bytes):
+                if a[name] != b[name]:
+                    return False
+            elif a[name][0] != b[name][0] or a[name][1].keys() != b[name][1].keys():
+                return False
+            elif not all(torch.equal(a[name][1][k], b[name][1][k]) for k in a[name][1]):
+                return False
+        return True
+
+    for name in ("transformer", "text_encoder_2"):
+        model = getattr(mixed, name)
+        qcore.save_pretrained(model, tmp_path / f"{name}-qcore")
+        model.save_pretrained(tmp_path / f"{name}-own")  # diffusers/transformers refuse quantized models
+        assert same(files(tmp_path / f"{name}-own"), files(tmp_path / f"{name}-qcore"))
+
+    uploads: list[dict[str, bytes]] = []
+    # Only the network is replaced: push_to_hub saves to a temporary directory and uploads it.
+    import diffusers.utils.hub_utils as hub_utils
+    from huggingface_hub import ModelCard
+
+    def upload(self: Any, folder: str, *args: Any, **kwargs: Any) -> None:
+        uploads.append({n: b for n, b in files(Path(folder)).items() if n != "README.md"})
+
+    monkeypatch.setattr(type(mixed.transformer), "_upload_folder", upload)
+    monkeypatch.setattr(hub_utils, "create_repo", lambda *a, **k: type("Repo", (), {"repo_id": "u/r"})())
+    monkeypatch.setattr(hub_utils, "load_or_create_model_card", lambda *a, **k: ModelCard("---\n---\n"))
+    mixed.transformer.push_to_hub("u/r")
+    assert len(uploads) == 1 and same(uploads[0], files(tmp_path / "transformer-qcore"))
+
+
+def test_bad_save_options_are_named(mixed: Any, tmp_path: Path) -> None:
+    with pytest.raises(qcore.ConfigError, match="shard_size_mb"):
+        mixed.transformer.save_pretrained(tmp_path / "x", shard_size_mb=5)
+
+
+KILLED_SAVE = textwrap.dedent(
+    """
+    import sys, time
+    import safetensors.torch
+    import torch, qcore, diffusers
+    from qcore_torchao import TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    pipe = qcore.load_pipeline(diffusers.FluxPipeline, sys.argv[1], quantization_config=TorchAoConfig(
+        Int8WeightOnlyConfig()), torch_dtype=torch.bfloat16)
+    real_save_file = safetensors.torch.save_file
+    written = []
+
+    def slow_save_file(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        written.append(filename)
+        if len(written) == 2:  # two components written, the others not yet
+            open(sys.argv[3], "w").close()
+            time.sleep(60)
+
+    safetensors.torch.save_file = slow_save_file
+    pipe.save_pretrained(sys.argv[2])
+    """
+)
+
+
+def test_killed_pipeline_save_leaves_the_old_one_intact(flux_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "saved"
+    tiny_flux_pipeline(target, seed=1)  # the pipeline already there
+    before = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    started = tmp_path / "mid-save"
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_SAVE, str(flux_dir), str(target), str(started)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not started.exists():
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the save never started"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    after = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    assert after == before
+    reloaded = diffusers.FluxPipeline.from_pretrained(target, torch_dtype=torch.bfloat16)
+    assert run_pipeline(reloaded).shape == (1, 16, 4)
