@@ -11,19 +11,17 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
+from ._atomic import atomic_directory
 from ._checkpoint import read_json
 from ._config import QuantizationConfig
-from ._errors import CheckpointNotFoundError, ConfigError, SerializationError
+from ._errors import CheckpointNotFoundError, ConfigError
 from ._loading import from_pretrained
 
 logger = logging.getLogger("qcore")
@@ -216,44 +214,18 @@ def _save_pipeline_atomically(self: Any, save_directory: str | os.PathLike[str],
     target = Path(save_directory)
     if kwargs.get("push_to_hub"):
         kwargs.setdefault("repo_id", target.absolute().name)
-    with replaced_directory(target) as tmp:
-        super(type(self), self).save_pretrained(str(tmp), **kwargs)
+    with atomic_directory(target, superseded=_superseded) as staging:
+        super(type(self), self).save_pretrained(str(staging), **kwargs)
 
 
-@contextmanager
-def replaced_directory(target: Path) -> Iterator[Path]:
-    """Yield an empty temporary directory beside ``target``; on success it replaces ``target`` whole."""
-    target = target.absolute()
-    if target.exists() and not target.is_dir():
-        raise SerializationError(f"{target} exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".qcore-tmp", dir=target.parent))
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if target.exists():
-            backup = target.with_name(f".{target.name}.qcore-old-{uuid.uuid4().hex[:8]}")
-            os.rename(target, backup)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(backup, target)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+# Weight files and indexes inside a component folder: a new save of the component makes the old ones stale.
+_COMPONENT_WEIGHTS = re.compile(
+    r"[^/]+/(diffusion_pytorch_model|model|pytorch_model)([.-][^/]*)?\.(safetensors|bin|json)"
+)
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+def _superseded(relative: str) -> bool:
+    return _COMPONENT_WEIGHTS.fullmatch(relative) is not None
 
 
 def _entries(model_index: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
