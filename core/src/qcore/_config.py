@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 import json
 import logging
 from collections.abc import Mapping
@@ -42,6 +44,11 @@ class QuantizationConfig:
 
     quant_method: ClassVar[str] = ""
     loading_attributes: ClassVar[frozenset[str]] = frozenset()
+    #: Keys of the :meth:`to_dict` form that are not ``__init__`` arguments (e.g. ``"_load_in_4bit"``).
+    serialized_keys: ClassVar[frozenset[str]] = frozenset()
+    #: Keys other writers (diffusers, transformers) put in a checkpoint's quantization_config that this
+    #: config does not use: a checkpoint may carry them, a user's dict may not.
+    checkpoint_only_keys: ClassVar[frozenset[str]] = frozenset()
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able form written to config.json's ``quantization_config``."""
@@ -62,6 +69,65 @@ class QuantizationConfig:
             return cls(**data)
         except TypeError as exc:
             raise ConfigError(f"invalid {cls.__name__} options {sorted(data)}: {exc}") from exc
+
+    @classmethod
+    def option_names(cls) -> frozenset[str]:
+        """The keys a config dict may hold: ``quant_method``, the named ``__init__`` arguments and
+        :attr:`serialized_keys`."""
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return frozenset({"quant_method", *named, *cls.serialized_keys})
+
+    @classmethod
+    def from_user_dict(cls: type[C], options: Mapping[str, Any]) -> C:
+        """A config from a user's dict (``quantization_config={...}``, ``qcore ... --set``): as strict as
+        the constructor. A key that is no option raises :class:`qcore.ConfigError` naming it, with the
+        closest option name when there is one."""
+        if not isinstance(options, Mapping):
+            raise ConfigError(
+                f"{cls.__name__} options must be a dict, not {type(options).__name__}",
+                option="quantization_config",
+            )
+        known = cls.option_names()
+        unknown = sorted(str(key) for key in options if key not in known)
+        if unknown:
+            key = unknown[0]
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            names = ", ".join(sorted(known - {"quant_method"} - cls.serialized_keys))
+            raise ConfigError(
+                f"{cls.__name__} has no option {key!r}{hint}; its options are: {names}", option=key
+            )
+        return cls.from_dict(options)
+
+    @classmethod
+    def from_checkpoint_dict(cls: type[C], config_dict: Mapping[str, Any], where: str = "") -> C:
+        """A config from a checkpoint's config.json ``quantization_config``.
+
+        Keys of :attr:`checkpoint_only_keys` (written by diffusers or transformers, unused here) are
+        dropped; other unknown keys are dropped with a warning naming them, so a checkpoint written by
+        a newer or different writer still loads when the keys that decide its layout are known.
+        """
+        known = cls.option_names()
+        data = {k: v for k, v in config_dict.items() if k in known}
+        foreign = sorted(str(k) for k in config_dict if k not in known and k in cls.checkpoint_only_keys)
+        unknown = sorted(str(k) for k in config_dict if k not in known and k not in cls.checkpoint_only_keys)
+        source = f"{where}: " if where else ""
+        if foreign:
+            logger.debug(
+                "%squantization_config keys not used by %s: %s",
+                source,
+                cls.__name__,
+                ", ".join(map(repr, foreign)),
+            )
+        if unknown:
+            logger.warning(
+                "%squantization_config has option(s) %s does not know, ignored: %s",
+                source,
+                cls.__name__,
+                ", ".join(map(repr, unknown)),  # repr: checkpoint text never reaches a terminal raw
+            )
+        return cls.from_dict(data)
 
     def to_json_string(self, use_diff: bool = False) -> str:
         """``to_dict()`` as indented JSON (``use_diff`` keeps only fields that differ from defaults)."""

@@ -70,6 +70,8 @@ class BitsAndBytesConfig(qcore.QuantizationConfig):
     loading_attributes = frozenset(
         {"bnb_4bit_compute_dtype", "llm_int8_threshold", "llm_int8_enable_fp32_cpu_offload"}
     )
+    # config.json's form of load_in_4bit / load_in_8bit (diffusers and transformers write both).
+    serialized_keys = frozenset({"_load_in_4bit", "_load_in_8bit"})
 
     def __init__(
         self,

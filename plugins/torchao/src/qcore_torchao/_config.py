@@ -39,6 +39,10 @@ class TorchAoConfig(qcore.QuantizationConfig):
     """
 
     quant_method = "torchao"
+    # The options of a string quant_type, as older diffusers wrote them.
+    serialized_keys = frozenset({"quant_type_kwargs"})
+    # transformers' TorchAoConfig options for language models' embeddings; diffusion models have none.
+    checkpoint_only_keys = frozenset({"include_input_output_embeddings", "untie_embedding_weights"})
 
     def __init__(
         self,
