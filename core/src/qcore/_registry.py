@@ -279,8 +279,14 @@ def quant_method_of(config: Mapping[str, Any]) -> str | None:
     return None
 
 
-def resolve_config(config: QuantizationConfig | Mapping[str, Any]) -> tuple[QuantizationConfig, Backend]:
-    """A config instance and its backend, from an instance or a dict carrying ``quant_method``."""
+def resolve_config(
+    config: QuantizationConfig | Mapping[str, Any], *, checkpoint: str | None = None
+) -> tuple[QuantizationConfig, Backend]:
+    """A config instance and its backend, from an instance or a dict carrying ``quant_method``.
+
+    A dict from a checkpoint (``checkpoint`` names its config.json) may carry keys other writers add;
+    a user's dict is as strict as the config's constructor.
+    """
     if isinstance(config, QuantizationConfig):
         backend = get_backend(config.quant_method)
         if not isinstance(config, backend.config_class):
@@ -298,7 +304,10 @@ def resolve_config(config: QuantizationConfig | Mapping[str, Any]) -> tuple[Quan
             )
         backend = get_backend(str(quant_method))
         data = {k: v for k, v in config.items() if k != "quant_method"}
-        return backend.config_class.from_dict({"quant_method": quant_method, **data}), backend
+        data["quant_method"] = quant_method
+        if checkpoint is not None:
+            return backend.config_class.from_checkpoint_dict(data, checkpoint), backend
+        return backend.config_class.from_user_dict(data), backend
     raise ConfigError(
         f"quantization_config must be a qcore.QuantizationConfig or a dict, not {type(config).__name__}",
         option="quantization_config",
