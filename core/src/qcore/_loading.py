@@ -147,7 +147,7 @@ def resolve_quantization(
     if pre_quantized:
         if not isinstance(checkpoint_config, Mapping):
             raise ConfigError(f"{files.config_path}: quantization_config must be an object")
-        resolved, backend = resolve_config(checkpoint_config)
+        resolved, backend = resolve_config(checkpoint_config, checkpoint=str(files.config_path))
         if user_config is not None:
             user_resolved, _ = resolve_config(user_config)
             resolved = merge_quantization_configs(resolved, user_resolved)
