@@ -170,7 +170,7 @@ def loadability(quant_config: Any) -> Loadability:
     if not isinstance(quant_config, dict):
         return Loadability(False, problem="config.json: quantization_config is not an object")
     try:
-        _, backend = resolve_config(quant_config)
+        _, backend = resolve_config(quant_config, checkpoint="config.json")
     except BackendError as exc:
         hint = getattr(exc, "install_hint", None)
         method = getattr(exc, "quant_method", None)
