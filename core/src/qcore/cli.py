@@ -507,7 +507,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             f"--set quant_method={settings['quant_method']!r} contradicts --method {args.method!r}",
             option="quant_method",
         )
-    config = backend.config_class.from_dict({**settings, "quant_method": args.method})
+    config = backend.config_class.from_user_dict({**settings, "quant_method": args.method})
 
     files = locate_checkpoint(
         args.src, subfolder=args.subfolder, variant=args.variant, revision=args.revision
