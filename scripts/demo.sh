@@ -7,6 +7,6 @@ venv="${QCORE_DEMO_VENV:-.venv-demo}"
 python3 -m venv "$venv"
 . "$venv/bin/activate"
 python -m pip install -q --upgrade pip
-python -m pip install -q -c constraints.txt torch==2.13.0
+bash scripts/install_torch.sh
 python -m pip install -q -c constraints.txt ./core ./plugins/bnb
 python examples/demo.py

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# ruff check and ruff format --check over the repository, with the configuration in pyproject.toml and
+# the ruff version pinned in requirements-test.txt. `bash scripts/lint.sh --fix` applies ruff's fixes
+# and formatting instead of only reporting.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ "${1:-}" = --fix ]; then
+  python -m ruff check --fix .
+  python -m ruff format .
+  exit
+fi
+status=0
+python -m ruff check . || status=1
+python -m ruff format --check . || status=1
+exit $status
