@@ -1,4 +1,8 @@
-"""Every hook's default answer, registered ``trylast`` so a backend's answer wins."""
+"""Every hook's default answer, registered ``trylast`` so a backend's answer wins.
+
+For an unquantized load (no backend) these answers are the whole load: every parameter is one
+checkpoint key, set as stored (cast to the load dtype).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ from ._quantizer import Quantizer
 
 class DefaultHooks:
     @hookimpl(trylast=True)
-    def validate_environment(self, quantizer: Quantizer) -> None:
+    def validate_environment(self, quantizer: Quantizer | None) -> None:
+        if quantizer is None:  # an unquantized load needs nothing beyond qcore's own dependencies
+            return
         missing = [p for p in quantizer.required_packages if importlib.util.find_spec(p) is None]
         if missing:
             raise QuantizerEnvironmentError(

@@ -3,7 +3,15 @@
 A backend is a :class:`qcore.Quantizer` subclass whose methods are marked ``@qcore.hookimpl``; one
 instance is registered per load. Every hook receives ``quantizer`` (the load's quantizer instance) so
 that observer plugins, which are not the quantizer, can see it too; a backend's own methods normally
-ignore it and use ``self``. A hookimpl may take any subset of a hook's arguments, by name.
+ignore it and use ``self``. Observers also see unquantized loads, where ``quantizer`` is ``None`` and
+qcore's defaults answer every hook. A hookimpl may take any subset of a hook's arguments, by name, so
+arguments added to a hook in a later qcore version do not break existing backends.
+
+Names: a *parameter name* is a key of ``model.state_dict()`` after ``preprocess_model`` (parameters
+and persistent buffers, e.g. ``blocks.0.attn.weight`` and ``blocks.0.attn.weight_scale``; for a tensor
+subclass whose ``state_dict`` keys differ from ``named_parameters()``, the ``state_dict`` keys count).
+Expected and missing keys are computed from these names. A *checkpoint key* is a tensor name in the
+weight files.
 
 Value-returning hooks are ``firstresult``: the backend's answer wins, and qcore's defaults (registered
 ``trylast``) answer when the backend returns ``None`` or does not implement the hook.
@@ -39,25 +47,23 @@ PROJECT_NAME = "qcore"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
-# The per-parameter hooks run once per checkpoint tensor; the loader resolves them once per load.
-PER_PARAMETER_HOOKS = (
-    "check_if_quantized_param",
-    "check_quantized_param_shape",
-    "create_quantized_param",
-)
-
 
 # --- stage 2: prepare ---------------------------------------------------------------------------
 
 
 @hookspec
 def validate_environment(
-    quantizer: Quantizer, torch_dtype: torch.dtype | None, device_map: Any
+    quantizer: Quantizer,
+    torch_dtype: torch.dtype | None,
+    device_map: Any,
+    checkpoint_dtype: torch.dtype | None,
 ) -> None:
     """Refuse to load when the backend cannot run here.
 
     When: stage 2, before the model skeleton is made, with the user's ``torch_dtype`` and
-    ``device_map``. Every implementation is called.
+    ``device_map`` (a device map naming a device this machine lacks was already refused).
+    ``checkpoint_dtype`` is the floating dtype holding most elements of the checkpoint, read from the
+    file headers (``None`` when it holds no floating tensor). Every implementation is called.
     Returns: nothing; raise :class:`qcore.QuantizerEnvironmentError` (or another
     :class:`qcore.QcoreError`) that says what to install or change.
     Default: checks that every module in ``quantizer.required_packages`` can be imported.
@@ -65,12 +71,18 @@ def validate_environment(
 
 
 @hookspec(firstresult=True)
-def update_torch_dtype(quantizer: Quantizer, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+def update_torch_dtype(
+    quantizer: Quantizer, torch_dtype: torch.dtype | None, checkpoint_dtype: torch.dtype | None
+) -> torch.dtype | None:
     """Choose the dtype of the unquantized parameters.
 
-    When: stage 2, after ``validate_environment``.
-    Returns: the dtype to use, or ``None`` to keep the checkpoint's dtypes.
-    Default: the user's ``torch_dtype`` unchanged.
+    When: stage 2, after ``validate_environment``. ``torch_dtype`` is the user's (``dtype=`` or
+    ``torch_dtype=``), ``checkpoint_dtype`` the checkpoint's (from the file headers).
+    Returns: the dtype to use, or ``None`` to keep the checkpoint's dtypes. A backend that needs one
+    dtype when the user gave none should prefer ``checkpoint_dtype`` (what an unquantized load
+    gives), and log the choice when it picks another.
+    Default: the user's ``torch_dtype`` unchanged. Afterwards ``quantizer.pre_quantization_dtype``
+    holds the load's dtype: the returned one, else ``checkpoint_dtype``.
     """
 
 
@@ -89,14 +101,28 @@ def update_device_map(quantizer: Quantizer, device_map: Any) -> Any:
 
 @hookspec
 def preprocess_model(
-    quantizer: Quantizer, model: torch.nn.Module, device_map: Any, keep_in_fp32_modules: list[str]
+    quantizer: Quantizer,
+    model: torch.nn.Module,
+    device_map: Any,
+    keep_in_fp32_modules: list[str],
+    torch_dtype: torch.dtype | None,
+    checkpoint_tensors: Mapping[str, torch.Tensor],
 ) -> None:
     """Prepare the meta-device skeleton, typically by replacing ``nn.Linear`` modules.
 
-    When: stage 4, once, after the skeleton exists and before any weight is read. The model is on
-    the meta device: create replacement modules under ``accelerate.init_empty_weights()`` (or use
-    :func:`qcore.replace_linear_layers`). ``model.is_quantized`` and ``model.quantization_method``
-    are already set.
+    When: stage 4, once, after the skeleton exists and before any weight is read. The model's
+    parameters are on the meta device and float32 whatever ``torch_dtype`` is (buffers are real CPU
+    tensors, as ``accelerate.init_empty_weights`` leaves them); each parameter gets its dtype when
+    its tensor is set in stage 5. Create replacement modules under ``accelerate.init_empty_weights()``
+    (or use :func:`qcore.replace_linear_layers`). ``model.is_quantized`` and
+    ``model.quantization_method`` are already set.
+    ``torch_dtype`` is the load's dtype (``update_torch_dtype``'s answer, else the checkpoint's).
+    ``keep_in_fp32_modules`` are the modules whose floating weights load in float32 (the model's
+    ``_keep_in_fp32_modules`` when ``use_keep_in_fp32_modules`` is set, or the user's); they are not
+    in ``quantizer.modules_to_not_convert`` (the config's list): skip both.
+    ``checkpoint_tensors`` maps every checkpoint key to a meta tensor of its stored dtype and shape
+    (from the file headers; no data read), so a backend loading a pre-quantized checkpoint replaces
+    only the modules whose weights the checkpoint holds in its format.
     Returns: nothing. Default: nothing.
     """
 
@@ -122,9 +148,7 @@ def get_special_dtypes_update(
 
 
 @hookspec(firstresult=True)
-def adjust_max_memory(
-    quantizer: Quantizer, max_memory: dict[Any, int]
-) -> dict[Any, int] | None:
+def adjust_max_memory(quantizer: Quantizer, max_memory: dict[Any, int]) -> dict[Any, int] | None:
     """Reserve memory per device for the backend's work buffers.
 
     When: stage 4, only for automatic device maps.
@@ -146,10 +170,12 @@ def group_checkpoint_keys(
 
     When: stage 5, once, before any tensor is read. ``checkpoint_keys`` are all keys of all shards;
     ``metadata`` is the safetensors header metadata of the checkpoint (merged over shards).
-    Returns: ``{parameter_name: [checkpoint_key, ...]}``. qcore reads all keys of a group (from any
-    shard) before it calls the per-parameter hooks for that parameter, and hands them over as
-    ``state_dict``; so a 4-bit weight whose statistics sit in another shard still loads. A checkpoint
-    key in no group is unexpected (an error).
+    Returns: ``{parameter_name: [checkpoint_key, ...]}``. Each group name must be a parameter name
+    (a key of ``model.state_dict()``; another name is an unexpected key); the keys need not be.
+    qcore reads all keys of a group (from any shard) before it calls the per-parameter hooks for that
+    parameter, and hands them over as ``state_dict``; so a 4-bit weight whose statistics sit in
+    another shard still loads. A checkpoint key in no group is unexpected (an error). A group's keys
+    that are parameter names count as loaded with it (e.g. a scale created with its weight).
     Default: each key is its own group.
     """
 
@@ -179,9 +205,13 @@ def check_quantized_param_shape(
 ) -> bool | None:
     """Check a loaded (possibly packed) tensor against the parameter it becomes.
 
-    When: stage 5, before ``create_quantized_param``, for pre-quantized checkpoints.
-    Returns: ``True`` when the shapes fit; raise :class:`qcore.ShapeMismatchError` naming
-    ``param_name`` when they do not. Default: the shapes must be equal.
+    When: stage 5, before ``create_quantized_param``, for pre-quantized checkpoints, and only when
+    the group holds a checkpoint key equal to ``param_name``: ``loaded_param`` is that tensor
+    (never ``None``); a group without such a key skips this hook. ``current_param`` is the
+    parameter in the model after ``preprocess_model`` (on the meta device).
+    Returns: ``True`` when the shapes fit. ``False`` makes qcore raise
+    :class:`qcore.ShapeMismatchError` naming the parameter, file and backend; raise it yourself for a
+    more precise message. Default: the shapes must be equal.
     """
 
 
@@ -200,6 +230,11 @@ def create_quantized_param(
     When: stage 5, for each group whose ``check_if_quantized_param`` said ``True``.
     ``param_value`` is the tensor stored under ``param_name`` (``None`` if the group has none);
     ``state_dict`` holds every tensor of the group (e.g. ``weight.absmax``).
+    The tensors are on ``target_device`` (CUDA targets) or the CPU, in their stored dtype (no
+    cast). CPU tensors are read-only views of the memory-mapped file, or copies where the view
+    would not start on a 64-byte boundary: every tensor is aligned to 64 bytes, so any kernel may
+    read it. A view keeps its mapping alive as long as it is referenced; do not write to it, and
+    copy (``.clone()``, ``.to()``, quantizing) what the module keeps. CUDA tensors are owned.
     Returns: nothing. No default: a backend that claims parameters must implement it.
     """
 
@@ -211,6 +246,10 @@ def update_missing_keys(
     """Drop keys the backend creates itself from the list of missing keys.
 
     When: stage 5, after all tensors are loaded; remaining keys raise :class:`qcore.MissingKeysError`.
+    ``missing_keys`` are parameter names (``state_dict`` keys) that no group loaded. ``prefix`` is
+    the prefix the calling loader strips from checkpoint keys: always ``""`` in
+    :func:`qcore.from_pretrained` (checkpoint keys are the model's own names); transformers passes
+    its ``base_model_prefix`` when a backend serves it through qcore's bridge.
     Returns: the keys that are really missing. Default: ``missing_keys`` unchanged.
     """
 

@@ -1,28 +1,32 @@
 """from_pretrained: the six stages, in order, each a small function.
 
+0. check     keyword arguments and devices, before any file is read
 1. resolve   config.json, pre-quantized detection, config merge, backend, quantizer, plugin manager
 2. prepare   validate_environment, update_torch_dtype, update_device_map, low_cpu_mem_usage rules
-3. skeleton  the model on the meta device (accelerate.init_empty_weights)
+3. skeleton  the model on the meta device (accelerate.init_empty_weights), size-checked
 4. preprocess preprocess_model; automatic device maps through accelerate
 5. load      stream tensors shard by shard, group by group, through the per-parameter hooks
-6. finish    postprocess_model, dispatch, hf_quantizer, _pre_quantization_dtype, eval()
+6. finish    postprocess_model, dispatch, load record, _pre_quantization_dtype, eval()
+
+Every load has a plugin manager: without a backend, qcore's defaults answer every hook.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Literal, TypeVar, overload
 
-import pluggy
 import torch
 
 from ._bridge import config_dict_from_foreign, is_foreign_config
-from ._checkpoint import CheckpointFiles, CheckpointReader, locate_checkpoint, read_json
+from ._checkpoint import CheckpointFiles, CheckpointReader, check_value_dtype, locate_checkpoint, read_json
 from ._config import QuantizationConfig, merge_quantization_configs
 from ._errors import (
     ConfigError,
@@ -32,10 +36,11 @@ from ._errors import (
     ShapeMismatchError,
     UnexpectedKeysError,
 )
+from ._loadrecord import LoadRecord, attach_load_record
 from ._model import family_of, guard_dtype_casts, make_model, record_load
-from ._plugins import make_plugin_manager, resolve_hook
+from ._plugins import make_plugin_manager
 from ._quantizer import Quantizer, module_matches
-from ._registry import resolve_config
+from ._registry import Backend, resolve_config
 from ._streaming import stream_tensors
 
 logger = logging.getLogger("qcore")
@@ -43,21 +48,81 @@ logger = logging.getLogger("qcore")
 M = TypeVar("M", bound=torch.nn.Module)
 
 AUTO_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-FLOAT8_DTYPES = tuple(
-    getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name)
-)
+
+# diffusers' from_pretrained keywords that qcore does not implement: {name: (accepted values, advice)}.
+UNSUPPORTED_OPTIONS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "force_download": (
+        (False,),
+        "delete the files from the Hugging Face cache (`hf cache delete`) and load again",
+    ),
+    "proxies": ((None,), "set HTTPS_PROXY / HTTP_PROXY in the environment; huggingface_hub reads them"),
+    "offload_folder": ((None,), "qcore does not offload to disk: map modules that do not fit to 'cpu'"),
+    "offload_state_dict": ((None, False, True), ""),  # qcore never holds a state dict: always satisfied
+    "disable_mmap": (
+        (False,),
+        "qcore reads CPU tensors through safetensors' memory map, CUDA ones with preadv",
+    ),
+    "ignore_mismatched_sizes": ((False,), "qcore loads no tensor whose shape differs from the model's"),
+    "use_flashpack": ((False,), "qcore reads safetensors and .bin checkpoints only"),
+    "flashpack_kwargs": ((None, {}), "qcore reads safetensors and .bin checkpoints only"),
+    "parallel_config": ((None,), "qcore does not shard models over devices; use device_map"),
+    "mirror": ((None,), "the hub endpoint is set by HF_ENDPOINT"),
+}
+
+# The skeleton may hold at most this many elements per checkpoint byte (2-bit packing is 4; slack
+# for tied and generated parameters), and this many parameters per checkpoint tensor.
+ELEMENTS_PER_CHECKPOINT_BYTE = 16
+PARAMETERS_PER_CHECKPOINT_TENSOR = 4
+SKELETON_SLACK = 1 << 20
 
 
-@dataclass
-class _Quantization:
-    """Stage 1's result for a quantized load."""
+@dataclass(frozen=True)
+class Quantization:
+    """Stage 1's result: the quantizer (``None`` without a backend) and the load's hook relay."""
 
-    quantizer: Quantizer
-    pm: pluggy.PluginManager
+    quantizer: Quantizer | None
+    hooks: Any  # pluggy.HookRelay: hooks are looked up by name
 
     @property
-    def hooks(self) -> Any:
-        return self.pm.hook
+    def honours_keep_in_fp32(self) -> bool:
+        return self.quantizer is None or self.quantizer.use_keep_in_fp32_modules
+
+    @property
+    def pre_quantized(self) -> bool:
+        return self.quantizer is not None and self.quantizer.pre_quantized
+
+    @property
+    def backend_name(self) -> str:
+        return repr(self.quantizer.quant_method) if self.quantizer is not None else "(none)"
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """What the safetensors headers (or .bin state dicts) tell before any tensor is read."""
+
+    tensors: dict[str, torch.Tensor]  # key -> meta tensor of the stored dtype and shape
+    dtype: torch.dtype | None  # the floating dtype holding most elements: "the checkpoint's dtype"
+    nbytes: int
+
+
+@overload
+def from_pretrained(
+    model_cls: type[M],
+    pretrained_model_name_or_path: str | os.PathLike[str],
+    *,
+    output_loading_info: Literal[False] = ...,
+    **kwargs: Any,
+) -> M: ...
+
+
+@overload
+def from_pretrained(
+    model_cls: type[M],
+    pretrained_model_name_or_path: str | os.PathLike[str],
+    *,
+    output_loading_info: Literal[True],
+    **kwargs: Any,
+) -> tuple[M, dict[str, list[Any]]]: ...
 
 
 def from_pretrained(
@@ -66,6 +131,7 @@ def from_pretrained(
     *,
     quantization_config: QuantizationConfig | Mapping[str, Any] | None = None,
     torch_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
     device_map: str | int | torch.device | Mapping[str, Any] | None = None,
     max_memory: Mapping[Any, int | str] | None = None,
     low_cpu_mem_usage: bool | None = True,
@@ -78,9 +144,17 @@ def from_pretrained(
     token: str | bool | None = None,
     keep_in_fp32_modules: Sequence[str] | None = None,
     observers: Sequence[object] = (),
-) -> M:
+    output_loading_info: bool = False,
+    **diffusers_options: Any,
+) -> M | tuple[M, dict[str, list[Any]]]:
     """Load ``model_cls`` from a local directory or hub id, quantizing on load or reading a
-    pre-quantized checkpoint. Keyword arguments mean what they mean in diffusers."""
+    pre-quantized checkpoint. Keyword arguments mean what they mean in diffusers; ``dtype`` and
+    ``torch_dtype`` are the same option. With ``output_loading_info=True`` returns ``(model, info)``
+    as diffusers does (qcore raises on missing, unexpected and mismatched keys, so its lists are empty).
+    """
+    torch_dtype = one_dtype(torch_dtype, dtype)
+    check_diffusers_options(diffusers_options)
+    check_devices_exist(device_map)
     files = locate_checkpoint(
         pretrained_model_name_or_path,
         subfolder=subfolder,
@@ -95,21 +169,25 @@ def from_pretrained(
     clock = _StageClock()
 
     with CheckpointReader(files) as reader:  # headers only, until stage 5
-        quant = resolve_quantization(config, quantization_config, files, observers)            # 1
+        checkpoint = summarize_checkpoint(reader)
+        quant = resolve_quantization(config, quantization_config, files, observers)
         clock.lap("resolve")
-        torch_dtype, device_map = prepare(quant, torch_dtype, device_map, low_cpu_mem_usage)  # 2
+        torch_dtype, device_map = prepare(quant, torch_dtype, device_map, low_cpu_mem_usage, checkpoint)
+        load_dtype = torch_dtype or checkpoint.dtype
         clock.lap("prepare")
-        model = build_skeleton(model_cls, config)                                             # 3
+        model = build_skeleton(model_cls, config, checkpoint, files.config_path)
         clock.lap("skeleton")
-        load_dtype = torch_dtype or _dominant_float_dtype(reader)
         keep_fp32 = keep_in_fp32(model, quant, keep_in_fp32_modules, load_dtype)
-        device_map = preprocess(model, quant, load_dtype, device_map, max_memory, keep_fp32)  # 4
+        preprocess(model, quant, load_dtype, device_map, keep_fp32, checkpoint)
+        placement = resolve_device_map(model, quant, load_dtype, device_map, max_memory)
         clock.lap("preprocess")
-        load_weights(model, reader, quant, torch_dtype, device_map, keep_fp32)               # 5
+        load_weights(model, reader, quant, torch_dtype, placement, keep_fp32)
         clock.lap("load")
-    finish(model, quant, device_map, load_dtype, str(pretrained_model_name_or_path))         # 6
+    finish(model, quant, placement, str(pretrained_model_name_or_path))
     clock.lap("finish")
     logger.debug("from_pretrained stage times (s): %s", clock)
+    if output_loading_info:
+        return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
     return model
 
 
@@ -127,140 +205,100 @@ class _StageClock:
         return ", ".join(f"{stage} {seconds}" for stage, seconds in self.laps.items())
 
 
-# --- stage 1 ------------------------------------------------------------------------------------
+# --- stage 0: arguments -------------------------------------------------------------------------
 
 
-def resolve_quantization(
-    config: Mapping[str, Any],
-    user_config: QuantizationConfig | Mapping[str, Any] | None,
-    files: CheckpointFiles,
-    observers: Sequence[object],
-) -> _Quantization | None:
-    checkpoint_config = config.get("quantization_config")
-    pre_quantized = checkpoint_config is not None
-    if not pre_quantized and user_config is None:
-        return None
-    if is_foreign_config(user_config):  # a diffusers/transformers config object
-        user_config = config_dict_from_foreign(user_config)
-    if user_config is not None and isinstance(user_config, QuantizationConfig):
-        user_config = copy.deepcopy(user_config)  # the user's object is never mutated
-    if pre_quantized:
-        if not isinstance(checkpoint_config, Mapping):
-            raise ConfigError(f"{files.config_path}: quantization_config must be an object")
-        resolved, backend = resolve_config(checkpoint_config, checkpoint=str(files.config_path))
-        if user_config is not None:
-            user_resolved, _ = resolve_config(user_config)
-            resolved = merge_quantization_configs(resolved, user_resolved)
-    else:
-        resolved, backend = resolve_config(user_config)  # type: ignore[arg-type]
-    quantizer = backend.quantizer_class(resolved, pre_quantized=pre_quantized)
-    pm = make_plugin_manager(quantizer, observers)
-    quantizer.hooks = pm.hook
-    logger.info("quantizing with %r (%s)", backend.quant_method, "pre-quantized" if pre_quantized else "on load")
-    return _Quantization(quantizer, pm)
-
-
-# --- stage 2 ------------------------------------------------------------------------------------
-
-
-def prepare(
-    quant: _Quantization | None,
-    torch_dtype: torch.dtype | None,
-    device_map: Any,
-    low_cpu_mem_usage: bool | None,
-) -> tuple[torch.dtype | None, Any]:
-    if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
-        raise ConfigError(f"torch_dtype must be a torch.dtype, not {torch_dtype!r}", option="torch_dtype")
-    if quant is None:
-        return torch_dtype, device_map
-    if low_cpu_mem_usage is False:
+def one_dtype(torch_dtype: torch.dtype | None, dtype: torch.dtype | None) -> torch.dtype | None:
+    """``dtype`` (diffusers' new name) and ``torch_dtype`` are one option."""
+    if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
         raise ConfigError(
-            "low_cpu_mem_usage=False cannot be used with quantization: quantized weights are created "
-            "as they load. Drop the argument.",
-            option="low_cpu_mem_usage",
+            f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass only dtype (torch_dtype is its "
+            "older name)",
+            option="dtype",
         )
-    q, hooks = quant.quantizer, quant.hooks
-    hooks.validate_environment(quantizer=q, torch_dtype=torch_dtype, device_map=device_map)
-    torch_dtype = hooks.update_torch_dtype(quantizer=q, torch_dtype=torch_dtype)
-    device_map = hooks.update_device_map(quantizer=q, device_map=device_map)
-    return torch_dtype, device_map
+    chosen = dtype if dtype is not None else torch_dtype
+    if chosen is not None and not isinstance(chosen, torch.dtype):
+        raise ConfigError(f"torch_dtype must be a torch.dtype, not {chosen!r}", option="torch_dtype")
+    return chosen
 
 
-# --- stage 3 ------------------------------------------------------------------------------------
+def check_diffusers_options(options: Mapping[str, Any]) -> None:
+    """Accept diffusers' keywords qcore has no use for at their defaults; name every other one."""
+    for name, value in options.items():
+        if name not in UNSUPPORTED_OPTIONS:
+            raise ConfigError(
+                f"from_pretrained() got an unknown keyword argument {name!r}. diffusers would pass it on "
+                "to the model's config; qcore does not: edit config.json instead, or fix the name.",
+                option=name,
+            )
+        accepted, advice = UNSUPPORTED_OPTIONS[name]
+        if not any(value is ok or (type(value) is type(ok) and value == ok) for ok in accepted):
+            raise ConfigError(f"{name}={value!r} is not supported by qcore: {advice}", option=name)
 
 
-def build_skeleton(model_cls: type[M], config: Mapping[str, Any]) -> M:
-    from accelerate import init_empty_weights
+def check_devices_exist(device_map: Any) -> None:
+    """Refuse a device map that names an accelerator this machine does not have, before any work."""
+    for value in _device_map_values(device_map):
+        device = _accelerator_index(value, device_map) if _is_index(value) else _device(value)
+        if device.type in ("cpu", "meta"):
+            continue
+        backend = getattr(torch, device.type, None)
+        is_available = getattr(backend, "is_available", None)
+        count = getattr(backend, "device_count", None)
+        if not (callable(is_available) and is_available()):
+            raise ConfigError(
+                f"device_map={device_map!r} places weights on {device}, but this machine has no "
+                f"{device.type} device that torch can use (torch.{device.type}.is_available() is False). "
+                "Leave device_map out to load on the CPU, or install a torch build for that device.",
+                option="device_map",
+            )
+        if device.index is not None and callable(count) and device.index >= count():
+            raise ConfigError(
+                f"device_map={device_map!r} places weights on {device}, but this machine has "
+                f"{count()} {device.type} device(s)",
+                option="device_map",
+            )
 
-    with init_empty_weights():
-        return make_model(model_cls, config)  # type: ignore[return-value]
 
-
-# --- stage 4 ------------------------------------------------------------------------------------
-
-
-def keep_in_fp32(
-    model: torch.nn.Module,
-    quant: _Quantization | None,
-    requested: Sequence[str] | None,
-    torch_dtype: torch.dtype | None = None,
-) -> list[str]:
-    if requested is not None:
-        return list(requested)
-    declared = family_of(model).fp32_modules(model, torch_dtype)
-    if quant is not None and not quant.quantizer.use_keep_in_fp32_modules:
+def _device_map_values(device_map: Any) -> list[Any]:
+    if device_map is None or (isinstance(device_map, str) and device_map in AUTO_DEVICE_MAPS):
         return []
-    return declared
+    if isinstance(device_map, Mapping):
+        return list(device_map.values())
+    if not _is_index(device_map):
+        _single_device(device_map)  # the type and the name are checked, whatever the machine
+    return [device_map]
 
 
-def preprocess(
-    model: torch.nn.Module,
-    quant: _Quantization | None,
-    torch_dtype: torch.dtype | None,
-    device_map: Any,
-    max_memory: Mapping[Any, int | str] | None,
-    keep_fp32: list[str],
-) -> dict[str, Any]:
-    if quant is not None:
-        model.is_quantized = True
-        model.quantization_method = quant.quantizer.quant_method
-        quant.hooks.preprocess_model(
-            quantizer=quant.quantizer,
-            model=model,
-            device_map=device_map,
-            keep_in_fp32_modules=[*keep_fp32, *family_of(model).modules_to_not_convert(model)],
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _accelerator_index(index: int, device_map: Any) -> torch.device:
+    """A bare index names a device of the machine's accelerator (CUDA, for accelerate's maps)."""
+    if not torch.accelerator.is_available():
+        raise ConfigError(
+            f"device_map={device_map!r} places weights on accelerator {index}, but this machine has no "
+            "cuda device (or other accelerator) that torch can use. Leave device_map out to load on "
+            "the CPU, or install a torch build for your accelerator.",
+            option="device_map",
         )
-    return resolve_device_map(model, quant, torch_dtype, device_map, max_memory)
+    return torch.device(index)
 
 
-def resolve_device_map(
-    model: torch.nn.Module,
-    quant: _Quantization | None,
-    torch_dtype: torch.dtype | None,
-    device_map: Any,
-    max_memory: Mapping[Any, int | str] | None,
-) -> dict[str, Any]:
-    """Any accepted device_map form -> {module prefix: device}."""
-    if device_map is None:
-        return {"": torch.device("cpu")}
-    if isinstance(device_map, (int, torch.device)) or (
-        isinstance(device_map, str) and device_map not in AUTO_DEVICE_MAPS
-    ):
+def _single_device(device_map: Any) -> torch.device:
+    if isinstance(device_map, (int, str, torch.device)) and not isinstance(device_map, bool):
         try:
-            return {"": torch.device(device_map)}
+            return torch.device(device_map)
         except (RuntimeError, TypeError) as exc:
             raise ConfigError(
                 f"device_map {device_map!r} is not a device nor one of {', '.join(AUTO_DEVICE_MAPS)}",
                 option="device_map",
             ) from exc
-    if isinstance(device_map, Mapping):
-        return {name: _device(dev) for name, dev in device_map.items()}
-    if isinstance(device_map, str):
-        return _auto_device_map(model, quant, torch_dtype or torch.float32, device_map, max_memory)
     raise ConfigError(f"device_map {device_map!r} is not understood", option="device_map")
 
 
-def _device(value: Any) -> Any:
+def _device(value: Any) -> torch.device:
     if value == "disk":
         raise ConfigError("offloading to 'disk' is not supported; use 'cpu'", option="device_map")
     try:
@@ -269,21 +307,233 @@ def _device(value: Any) -> Any:
         raise ConfigError(f"device_map entry {value!r} is not a device", option="device_map") from exc
 
 
+def summarize_checkpoint(reader: CheckpointReader) -> CheckpointSummary:
+    tensors: dict[str, torch.Tensor] = {}
+    elements: dict[torch.dtype, int] = {}
+    nbytes = 0
+    for key in reader.keys:
+        info = reader.info(key)
+        nbytes += info.nbytes
+        if info.torch_dtype is None:
+            continue  # a dtype torch cannot hold: reading the tensor names it
+        tensors[key] = torch.empty(info.torch_shape, dtype=info.torch_dtype, device="meta")
+        if info.torch_dtype.is_floating_point:
+            elements[info.torch_dtype] = elements.get(info.torch_dtype, 0) + info.numel
+    dominant = max(elements, key=elements.__getitem__) if elements else None
+    return CheckpointSummary(tensors, dominant, nbytes)
+
+
+# --- stage 1 ------------------------------------------------------------------------------------
+
+
+def resolve_quantization(
+    config: Mapping[str, Any],
+    user_config: QuantizationConfig | Mapping[str, Any] | None,
+    files: CheckpointFiles,
+    observers: Sequence[object],
+) -> Quantization:
+    quantizer = make_quantizer(config.get("quantization_config"), user_config, files.config_path)
+    pm = make_plugin_manager(quantizer, observers)
+    if quantizer is not None:
+        state = "pre-quantized" if quantizer.pre_quantized else "on load"
+        logger.info("quantizing with %r (%s)", quantizer.quant_method, state)
+    return Quantization(quantizer, pm.hook)
+
+
+def make_quantizer(
+    checkpoint_config: Any,
+    user_config: QuantizationConfig | Mapping[str, Any] | None,
+    config_path: Path,
+) -> Quantizer | None:
+    """The load's quantizer: the checkpoint's config (merged with the user's), else the user's."""
+    if is_foreign_config(user_config):  # a diffusers/transformers config object
+        user_config = config_dict_from_foreign(user_config)
+    if isinstance(user_config, QuantizationConfig):
+        user_config = copy.deepcopy(user_config)  # the user's object is never mutated
+    if checkpoint_config is not None:
+        resolved, backend = _checkpoint_quantization(checkpoint_config, user_config, config_path)
+        return backend.quantizer_class(resolved, pre_quantized=True)
+    if user_config is None:
+        return None
+    resolved, backend = resolve_config(user_config)
+    _check_quantizes_on_load(backend)
+    return backend.quantizer_class(resolved, pre_quantized=False)
+
+
+def _checkpoint_quantization(
+    checkpoint_config: Any, user_config: QuantizationConfig | Mapping[str, Any] | None, config_path: Path
+) -> tuple[QuantizationConfig, Backend]:
+    if not isinstance(checkpoint_config, Mapping):
+        raise ConfigError(f"{config_path}: quantization_config must be an object")
+    resolved, backend = resolve_config(checkpoint_config, checkpoint=str(config_path))
+    if user_config is None:
+        return resolved, backend
+    user_resolved, _ = resolve_config(user_config)
+    return merge_quantization_configs(resolved, user_resolved), backend
+
+
+def _check_quantizes_on_load(backend: Backend) -> None:
+    if backend.quantizer_class.requires_calibration:
+        raise ConfigError(
+            f"backend {backend.quant_method!r} needs calibration data: it loads checkpoints quantized by "
+            "its own tools, and cannot quantize on load. Quantize the model with that backend's tool "
+            "first, then load the result without quantization_config.",
+            option="quantization_config",
+        )
+
+
+# --- stage 2 ------------------------------------------------------------------------------------
+
+
+def prepare(
+    quant: Quantization,
+    torch_dtype: torch.dtype | None,
+    device_map: Any,
+    low_cpu_mem_usage: bool | None,
+    checkpoint: CheckpointSummary,
+) -> tuple[torch.dtype | None, Any]:
+    q, hooks, stored = quant.quantizer, quant.hooks, checkpoint.dtype
+    if q is not None:
+        _check_quantized_load_options(q, low_cpu_mem_usage)
+    hooks.validate_environment(
+        quantizer=q, torch_dtype=torch_dtype, device_map=device_map, checkpoint_dtype=stored
+    )
+    torch_dtype = hooks.update_torch_dtype(quantizer=q, torch_dtype=torch_dtype, checkpoint_dtype=stored)
+    device_map = hooks.update_device_map(quantizer=q, device_map=device_map)
+    check_devices_exist(device_map)  # the backend may have chosen another map
+    if q is not None:
+        q.pre_quantization_dtype = torch_dtype or stored  # known from the headers, before any tensor is read
+    return torch_dtype, device_map
+
+
+def _check_quantized_load_options(quantizer: Quantizer, low_cpu_mem_usage: bool | None) -> None:
+    if low_cpu_mem_usage is False:
+        raise ConfigError(
+            "low_cpu_mem_usage=False cannot be used with quantization: quantized weights are created "
+            "as they load. Drop the argument.",
+            option="low_cpu_mem_usage",
+        )
+
+
+# --- stage 3 ------------------------------------------------------------------------------------
+
+
+def build_skeleton(
+    model_cls: type[M], config: Mapping[str, Any], checkpoint: CheckpointSummary, config_path: Path
+) -> M:
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(), _skeleton_budget(checkpoint, config_path):
+        try:
+            return make_model(model_cls, config)  # type: ignore[return-value]
+        except QcoreError:
+            raise
+        except (TypeError, ValueError, RuntimeError, MemoryError, OverflowError) as exc:
+            raise CorruptCheckpointError(
+                f"{config_path}: cannot build {model_cls.__name__} from this config "
+                f"({type(exc).__name__}: {exc}); the config does not belong to this model class"
+            ) from exc
+
+
+@contextlib.contextmanager
+def _skeleton_budget(checkpoint: CheckpointSummary, config_path: Path) -> Iterator[None]:
+    """Stop building a skeleton far larger than the checkpoint's weights (a config that does not
+    belong to them, or a hostile one: ``num_layers=10**7`` would otherwise build for minutes)."""
+    max_elements = ELEMENTS_PER_CHECKPOINT_BYTE * checkpoint.nbytes + SKELETON_SLACK
+    max_parameters = PARAMETERS_PER_CHECKPOINT_TENSOR * len(checkpoint.tensors) + 1024
+    seen = {"parameters": 0, "elements": 0}
+    register = (
+        torch.nn.Module.register_parameter
+    )  # accelerate's meta-device version, inside init_empty_weights
+
+    def counting_register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is None:
+            return
+        seen["parameters"] += 1
+        seen["elements"] += param.numel()
+        if seen["parameters"] > max_parameters or seen["elements"] > max_elements:
+            raise CorruptCheckpointError(
+                f"{config_path}: the config describes a model larger than its checkpoint can fill (more "
+                f"than {seen['parameters']:,} parameters / {seen['elements']:,} elements for "
+                f"{len(checkpoint.tensors):,} tensors of {checkpoint.nbytes:,} bytes); the config does "
+                "not belong to these weights"
+            )
+
+    torch.nn.Module.register_parameter = counting_register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+# --- stage 4 ------------------------------------------------------------------------------------
+
+
+def keep_in_fp32(
+    model: torch.nn.Module,
+    quant: Quantization,
+    requested: Sequence[str] | None,
+    torch_dtype: torch.dtype | None,
+) -> list[str]:
+    if requested is not None:
+        return list(requested)
+    if not quant.honours_keep_in_fp32:
+        return []
+    return family_of(model).fp32_modules(model, torch_dtype)
+
+
+def preprocess(
+    model: torch.nn.Module,
+    quant: Quantization,
+    torch_dtype: torch.dtype | None,
+    device_map: Any,
+    keep_fp32: list[str],
+    checkpoint: CheckpointSummary,
+) -> None:
+    if quant.quantizer is not None:
+        model.is_quantized = True
+        model.quantization_method = quant.quantizer.quant_method
+    quant.hooks.preprocess_model(
+        quantizer=quant.quantizer,
+        model=model,
+        device_map=device_map,
+        keep_in_fp32_modules=[*keep_fp32, *family_of(model).modules_to_not_convert(model)],
+        torch_dtype=torch_dtype,
+        checkpoint_tensors=checkpoint.tensors,
+    )
+
+
+def resolve_device_map(
+    model: torch.nn.Module,
+    quant: Quantization,
+    torch_dtype: torch.dtype | None,
+    device_map: Any,
+    max_memory: Mapping[Any, int | str] | None,
+) -> dict[str, torch.device]:
+    """Any accepted device_map form -> {module prefix: device}."""
+    if device_map is None:
+        return {"": torch.device("cpu")}
+    if isinstance(device_map, Mapping):
+        return {name: _device(dev) for name, dev in device_map.items()}
+    if isinstance(device_map, str) and device_map in AUTO_DEVICE_MAPS:
+        return _auto_device_map(model, quant, torch_dtype or torch.float32, device_map, max_memory)
+    return {"": _single_device(device_map)}
+
+
 def _auto_device_map(
     model: torch.nn.Module,
-    quant: _Quantization | None,
+    quant: Quantization,
     torch_dtype: torch.dtype,
     strategy: str,
     max_memory: Mapping[Any, int | str] | None,
-) -> dict[str, Any]:
+) -> dict[str, torch.device]:
     from accelerate.utils import get_balanced_memory, get_max_memory, infer_auto_device_map
 
     no_split = list(getattr(model, "_no_split_modules", None) or [])
-    target_dtype, special_dtypes = torch_dtype, {}
-    if quant is not None:
-        q, hooks = quant.quantizer, quant.hooks
-        target_dtype = hooks.adjust_target_dtype(quantizer=q, torch_dtype=torch_dtype)
-        special_dtypes = hooks.get_special_dtypes_update(quantizer=q, model=model, torch_dtype=torch_dtype)
+    q, hooks = quant.quantizer, quant.hooks
+    target_dtype = hooks.adjust_target_dtype(quantizer=q, torch_dtype=torch_dtype)
+    special_dtypes = hooks.get_special_dtypes_update(quantizer=q, model=model, torch_dtype=torch_dtype)
     memory = dict(max_memory) if max_memory is not None else None
     if strategy == "sequential":
         memory = get_max_memory(memory)
@@ -296,8 +546,7 @@ def _auto_device_map(
             special_dtypes=special_dtypes,
             low_zero=strategy == "balanced_low_0",
         )
-    if quant is not None:
-        memory = quant.hooks.adjust_max_memory(quantizer=quant.quantizer, max_memory=memory)
+    memory = hooks.adjust_max_memory(quantizer=q, max_memory=memory)
     device_map = infer_auto_device_map(
         model,
         max_memory=memory,
@@ -309,7 +558,7 @@ def _auto_device_map(
     return {name: _device(dev) for name, dev in device_map.items()}
 
 
-def target_device(param_name: str, device_map: Mapping[str, Any]) -> torch.device:
+def target_device(param_name: str, device_map: Mapping[str, torch.device]) -> torch.device:
     """The device of the longest device_map prefix that contains ``param_name``."""
     name = param_name
     while True:
@@ -323,106 +572,151 @@ def target_device(param_name: str, device_map: Mapping[str, Any]) -> torch.devic
 # --- stage 5 ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Load:
+    """What every parameter group of stage 5 needs."""
+
+    model: torch.nn.Module
+    reader: CheckpointReader
+    quant: Quantization
+    torch_dtype: torch.dtype | None
+    keep_fp32: Sequence[str]
+    expected: Mapping[str, torch.Tensor]  # model.state_dict(keep_vars=True) after preprocess_model
+
+    @property
+    def where(self) -> str:
+        return self.reader.files.location
+
+
 def load_weights(
     model: torch.nn.Module,
     reader: CheckpointReader,
-    quant: _Quantization | None,
+    quant: Quantization,
     torch_dtype: torch.dtype | None,
-    device_map: Mapping[str, Any],
+    device_map: Mapping[str, torch.device],
     keep_fp32: Sequence[str],
 ) -> None:
-    from accelerate.utils import set_module_tensor_to_device
     from tqdm.auto import tqdm
 
-    expected = model.state_dict(keep_vars=True)
-    groups = _groups(model, reader, quant, expected)
-    where = reader.files.location
-    if quant is not None:
-        q = quant.quantizer
-        is_quantized = resolve_hook(quant.hooks.check_if_quantized_param)
-        check_shape = resolve_hook(quant.hooks.check_quantized_param_shape)
-        create = resolve_hook(quant.hooks.create_quantized_param)
-
+    load = _Load(model, reader, quant, torch_dtype, keep_fp32, model.state_dict(keep_vars=True))
+    groups = group_keys(load)
     devices = {name: target_device(name, device_map) for name in groups}
     arriving = stream_tensors(reader, [(key, devices[name]) for name, keys in groups.items() for key in keys])
     loaded: set[str] = set()
-    progress = tqdm(total=len(groups), desc="Loading weights", unit="param", disable=None, leave=False)
-    for param_name, keys in groups.items():
-        tensors = {key: next(arriving) for key in keys}
-        value = tensors.get(param_name)
-        device = devices[param_name]
-        current = expected[param_name]
-        if quant is not None and is_quantized(
-            quantizer=q, model=model, param_name=param_name, param_value=value, state_dict=tensors
-        ):
-            if q.pre_quantized and value is not None:
-                check_shape(quantizer=q, param_name=param_name, current_param=current, loaded_param=value)
-            try:
-                create(
-                    quantizer=q,
-                    model=model,
-                    param_name=param_name,
-                    param_value=value,
-                    target_device=device,
-                    state_dict=tensors,
-                    metadata=reader.metadata,
-                )
-            except QcoreError:
-                raise
-            except Exception as exc:
-                raise CorruptCheckpointError(
-                    f"{param_name!r} in {reader.file_of(keys[0])} ({where}): backend {q.quant_method!r} "
-                    f"could not create the quantized parameter: {type(exc).__name__}: {exc}"
-                ) from exc
-        else:
-            if value is None:
-                raise MissingKeysError([param_name], where)
-            if value.shape != current.shape:
-                raise ShapeMismatchError(
-                    f"{param_name!r} in {reader.file_of(param_name)} ({where}) has shape "
-                    f"{tuple(value.shape)}, the model expects {tuple(current.shape)}"
-                )
-            dtype = _load_dtype(param_name, value, torch_dtype, keep_fp32)
-            set_module_tensor_to_device(
-                model, param_name, device, value=value, dtype=dtype, non_blocking=True, clear_cache=False
-            )
-        loaded.add(param_name)
-        loaded.update(key for key in keys if key in expected)  # e.g. a scale created with its weight
-        progress.update()
-    progress.close()
-
-    missing = [name for name in expected if name not in loaded]
-    missing = family_of(model).tie_weights(model, missing)
-    if quant is not None:
-        missing = quant.hooks.update_missing_keys(
-            quantizer=quant.quantizer, model=model, missing_keys=missing, prefix=""
-        )
-    if missing:
-        raise MissingKeysError(missing, where)
+    with tqdm(total=len(groups), desc="Loading weights", unit="param", disable=None, leave=False) as progress:
+        for param_name, keys in groups.items():
+            tensors = {key: next(arriving) for key in keys}
+            load_group(load, param_name, tensors, devices[param_name])
+            loaded.add(param_name)
+            loaded.update(key for key in keys if key in load.expected)  # e.g. a scale created with its weight
+            progress.update()
+    check_missing(load, [name for name in load.expected if name not in loaded])
 
 
-def _groups(
-    model: torch.nn.Module,
-    reader: CheckpointReader,
-    quant: _Quantization | None,
-    expected: Mapping[str, Any],
-) -> dict[str, list[str]]:
-    where = reader.files.location
-    if quant is None:
-        groups = {key: [key] for key in reader.keys}
-    else:
-        groups = quant.hooks.group_checkpoint_keys(
-            quantizer=quant.quantizer, model=model, checkpoint_keys=reader.keys, metadata=reader.metadata
-        )
+def group_keys(load: _Load) -> dict[str, list[str]]:
+    """The backend's (or the default one-key) groups, checked against the model and the files."""
+    reader, quant = load.reader, load.quant
+    groups = quant.hooks.group_checkpoint_keys(
+        quantizer=quant.quantizer, model=load.model, checkpoint_keys=reader.keys, metadata=reader.metadata
+    )
     grouped = {key for keys in groups.values() for key in keys}
-    unexpected = [name for name in groups if name not in expected]
+    unexpected = [name for name in groups if name not in load.expected]
     unexpected += [key for key in reader.keys if key not in grouped]
     if unexpected:
-        raise UnexpectedKeysError(unexpected, where)
+        raise UnexpectedKeysError(unexpected, load.where)
     absent = [key for keys in groups.values() for key in keys if key not in reader.key_file]
     if absent:
-        raise MissingKeysError(absent, where)
+        raise MissingKeysError(absent, load.where)
     return groups
+
+
+def load_group(load: _Load, param_name: str, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    quant = load.quant
+    value = tensors.get(param_name)
+    claimed = quant.hooks.check_if_quantized_param(
+        quantizer=quant.quantizer,
+        model=load.model,
+        param_name=param_name,
+        param_value=value,
+        state_dict=tensors,
+    )
+    if claimed:
+        create_quantized(load, param_name, tensors, device)
+    else:
+        set_plain(load, param_name, value, device)
+
+
+def create_quantized(
+    load: _Load, param_name: str, tensors: dict[str, torch.Tensor], device: torch.device
+) -> None:
+    quant, reader = load.quant, load.reader
+    value = tensors.get(param_name)
+    if quant.pre_quantized and value is not None:
+        check_quantized_shape(load, param_name, value)
+    elif value is not None:  # quantizing on load: the checkpoint holds float weights
+        check_value_dtype(param_name, value, torch.float32, str(reader.key_file[param_name]))
+    try:
+        quant.hooks.create_quantized_param(
+            quantizer=quant.quantizer,
+            model=load.model,
+            param_name=param_name,
+            param_value=value,
+            target_device=device,
+            state_dict=tensors,
+            metadata=reader.metadata,
+        )
+    except QcoreError:
+        raise
+    except Exception as exc:
+        raise CorruptCheckpointError(
+            f"{param_name!r} in {reader.file_of(next(iter(tensors)))} ({load.where}): backend "
+            f"{quant.backend_name} could not create the quantized parameter: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def check_quantized_shape(load: _Load, param_name: str, value: torch.Tensor) -> None:
+    quant = load.quant
+    fits = quant.hooks.check_quantized_param_shape(
+        quantizer=quant.quantizer,
+        param_name=param_name,
+        current_param=load.expected[param_name],
+        loaded_param=value,
+    )
+    if fits is False:
+        raise ShapeMismatchError(
+            f"{param_name!r} in {load.reader.file_of(param_name)} ({load.where}) has shape "
+            f"{tuple(value.shape)}, which backend {quant.backend_name} cannot turn into the "
+            f"model's {tuple(load.expected[param_name].shape)}"
+        )
+
+
+def set_plain(load: _Load, param_name: str, value: torch.Tensor | None, device: torch.device) -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    if value is None:
+        raise MissingKeysError([param_name], load.where)
+    current = load.expected[param_name]
+    if value.shape != current.shape:
+        raise ShapeMismatchError(
+            f"{param_name!r} in {load.reader.file_of(param_name)} ({load.where}) has shape "
+            f"{tuple(value.shape)}, the model expects {tuple(current.shape)}"
+        )
+    check_value_dtype(param_name, value, current.dtype, str(load.reader.key_file[param_name]))
+    dtype = _load_dtype(param_name, value, load.torch_dtype, load.keep_fp32)
+    set_module_tensor_to_device(
+        load.model, param_name, device, value=value, dtype=dtype, non_blocking=True, clear_cache=False
+    )
+
+
+def check_missing(load: _Load, missing: list[str]) -> None:
+    quant = load.quant
+    missing = family_of(load.model).tie_weights(load.model, missing)
+    missing = quant.hooks.update_missing_keys(
+        quantizer=quant.quantizer, model=load.model, missing_keys=missing, prefix=""
+    )
+    if missing:
+        raise MissingKeysError(missing, load.where)
 
 
 def _load_dtype(
@@ -436,40 +730,35 @@ def _load_dtype(
     return torch_dtype or value.dtype
 
 
-def _dominant_float_dtype(reader: CheckpointReader) -> torch.dtype | None:
-    """The floating dtype holding most elements: what "the checkpoint's dtype" means."""
-    counts: dict[torch.dtype, int] = {}
-    for key in reader.keys:
-        dtype, numel = reader.dtype_and_numel(key)
-        if dtype is not None and dtype.is_floating_point:
-            counts[dtype] = counts.get(dtype, 0) + numel
-    return max(counts, key=counts.__getitem__) if counts else None
-
-
 # --- stage 6 ------------------------------------------------------------------------------------
 
 
 def finish(
     model: torch.nn.Module,
-    quant: _Quantization | None,
-    device_map: Mapping[str, Any],
-    torch_dtype: torch.dtype | None,
+    quant: Quantization,
+    device_map: Mapping[str, torch.device],
     name_or_path: str,
 ) -> None:
-    if quant is not None:
-        quant.hooks.postprocess_model(quantizer=quant.quantizer, model=model)
+    quant.hooks.postprocess_model(quantizer=quant.quantizer, model=model)
     if len(set(map(str, device_map.values()))) > 1:
         from accelerate import dispatch_model
 
         # As in diffusers: modules mapped to "cpu" stay in RAM and run on the GPU through hooks.
         dispatch_model(model, device_map={k: str(v) for k, v in device_map.items()})
         model.hf_device_map = dict(device_map)
-    entries: dict[str, Any] = {"_name_or_path": name_or_path}
-    if quant is not None:
-        quant.quantizer.pre_quantization_dtype = torch_dtype
-        model.hf_quantizer = quant.quantizer
-        guard_dtype_casts(model)
-        entries["quantization_config"] = quant.quantizer.quantization_config
-        entries["_pre_quantization_dtype"] = torch_dtype
-    record_load(model, **entries)
+    record_load(model, _name_or_path=name_or_path)
+    if quant.quantizer is not None:
+        record_quantized_load(model, LoadRecord(quant.quantizer, quant.hooks))
     model.eval()
+
+
+def record_quantized_load(model: torch.nn.Module, record: LoadRecord) -> None:
+    quantizer = record.quantizer
+    model.hf_quantizer = quantizer  # where diffusers and transformers look
+    attach_load_record(model, record)
+    guard_dtype_casts(model)
+    record_load(
+        model,
+        quantization_config=quantizer.quantization_config,
+        _pre_quantization_dtype=quantizer.pre_quantization_dtype,
+    )

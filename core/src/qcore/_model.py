@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ._errors import ConfigError, DtypeCastError, QcoreError
+from ._loadrecord import drop_load_record, load_record
 
 
 def _is_diffusers_model(obj: Any) -> bool:
@@ -298,13 +299,13 @@ def _unguard(model: torch.nn.Module) -> None:
 
 def dequantize(model: torch.nn.Module) -> torch.nn.Module:
     """Undo quantization in place through the backend's ``dequantize`` hook; returns the model."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    hooks = getattr(quantizer, "hooks", None)
-    if quantizer is None or hooks is None:
+    record = load_record(model)
+    if record is None:
         raise QcoreError(f"{type(model).__name__} was not loaded quantized by qcore; nothing to dequantize")
-    hooks.dequantize(quantizer=quantizer, model=model)
+    record.hooks.dequantize(quantizer=record.quantizer, model=model)
     model.is_quantized = False
     model.hf_quantizer = None
+    drop_load_record(model)
     _unguard(model)
     if _is_diffusers_model(model):
         model.register_to_config(quantization_config=None)

@@ -1,10 +1,9 @@
-"""One pluggy PluginManager per load: defaults, the backend's quantizer, and observers."""
+"""One pluggy PluginManager per load: defaults, the backend's quantizer (if any), and observers."""
 
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 
 import pluggy
 
@@ -14,15 +13,17 @@ from ._errors import BackendValidationError
 from ._hookspecs import PROJECT_NAME
 from ._quantizer import Quantizer
 
-_HOOK_NAMES = frozenset(
-    name for name in dir(_hookspecs) if hasattr(getattr(_hookspecs, name), f"{PROJECT_NAME}_spec")
-)
-
 
 def _new_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(PROJECT_NAME)
     pm.add_hookspecs(_hookspecs)
     return pm
+
+
+HOOK_NAMES = frozenset(
+    name for name in dir(_hookspecs) if _new_manager().parse_hookspec_opts(_hookspecs, name) is not None
+)
+_HOOK_NAMES = HOOK_NAMES  # the name qcore.testing reads
 
 
 def _describe(quant_method: str, distribution: str | None) -> str:
@@ -36,21 +37,21 @@ def validate_quantizer_class(
     who = _describe(quant_method, distribution)
     if not (isinstance(quantizer_class, type) and issubclass(quantizer_class, Quantizer)):
         raise BackendValidationError(f"{who}: {quantizer_class!r} is not a qcore.Quantizer subclass")
+    pm = _new_manager()
     marked = set()
     for name in dir(quantizer_class):
-        attr = getattr(quantizer_class, name, None)
-        if getattr(attr, f"{PROJECT_NAME}_impl", None) is not None:
+        if pm.parse_hookimpl_opts(quantizer_class, name) is not None:
             marked.add(name)
-        elif name in _HOOK_NAMES and callable(attr):
+        elif name in HOOK_NAMES and callable(getattr(quantizer_class, name, None)):
             raise BackendValidationError(
                 f"{who}: method {name!r} of {quantizer_class.__qualname__} is named like a hook but "
                 "is not marked @qcore.hookimpl, so it would never be called"
             )
-    unknown = sorted(marked - _HOOK_NAMES)
+    unknown = sorted(marked - HOOK_NAMES)
     if unknown:
         raise BackendValidationError(
             f"{who}: {quantizer_class.__qualname__} implements unknown hook(s) {', '.join(unknown)}; "
-            f"the hooks are: {', '.join(sorted(_HOOK_NAMES))}"
+            f"the hooks are: {', '.join(sorted(HOOK_NAMES))}"
         )
     if "check_if_quantized_param" in marked and "create_quantized_param" not in marked:
         raise BackendValidationError(
@@ -60,18 +61,23 @@ def validate_quantizer_class(
     # Only the marked functions are registered: instantiating the class (or reading its properties)
     # could fail without a config, and pluggy checks the signatures all the same.
     hooks_only = types.SimpleNamespace(**{name: getattr(quantizer_class, name) for name in marked})
-    pm = _new_manager()
     try:
         pm.register(hooks_only, name=quant_method)
     except pluggy.PluginValidationError as exc:
         raise BackendValidationError(f"{who}: {str(exc).replace(chr(10), '; ')}") from exc
 
 
-def make_plugin_manager(quantizer: Quantizer, observers: Iterable[object] = ()) -> pluggy.PluginManager:
-    """The load's plugin manager: defaults (``trylast``), the quantizer, then each observer."""
+def make_plugin_manager(
+    quantizer: Quantizer | None, observers: Iterable[object] = ()
+) -> pluggy.PluginManager:
+    """The load's plugin manager: defaults (``trylast``), the quantizer if any, then each observer.
+
+    Without a quantizer (an unquantized load) the defaults answer every hook.
+    """
     pm = _new_manager()
     pm.register(DefaultHooks(), name="qcore.defaults")
-    pm.register(quantizer, name=f"backend:{quantizer.quant_method}")
+    if quantizer is not None:
+        pm.register(quantizer, name=f"backend:{quantizer.quant_method}")
     for observer in observers:
         try:
             pm.register(observer)
@@ -82,35 +88,3 @@ def make_plugin_manager(quantizer: Quantizer, observers: Iterable[object] = ()) 
     except pluggy.PluginValidationError as exc:
         raise BackendValidationError(str(exc)) from exc
     return pm
-
-
-def resolve_hook(hook: pluggy.HookCaller) -> Callable[..., Any]:
-    """A caller equivalent to ``hook(**kwargs)`` without pluggy's per-call overhead.
-
-    Used for the per-parameter hooks. When any wrapper observes the hook, pluggy itself is called so
-    the wrapper sees every call.
-    """
-    impls = hook.get_hookimpls()
-    if any(impl.hookwrapper or impl.wrapper for impl in impls):
-        return lambda **kwargs: hook(**kwargs)
-    ordered = [(impl.function, impl.argnames) for impl in reversed(impls)]
-    if hook.spec is not None and hook.spec.opts.get("firstresult"):
-
-        def first_result(**kwargs: Any) -> Any:
-            for function, argnames in ordered:
-                result = function(*[kwargs[name] for name in argnames])
-                if result is not None:
-                    return result
-            return None
-
-        return first_result
-
-    def all_results(**kwargs: Any) -> list[Any]:
-        results = []
-        for function, argnames in ordered:
-            result = function(*[kwargs[name] for name in argnames])
-            if result is not None:
-                results.append(result)
-        return results
-
-    return all_results

@@ -9,22 +9,32 @@ from ._config import QuantizationConfig
 
 if TYPE_CHECKING:
     import torch
-    from pluggy import HookRelay
 
 
 class Quantizer:
     """State of one quantized load; a backend subclasses it and marks its hooks ``@qcore.hookimpl``.
 
-    The hooks themselves are documented in the hook reference (``qcore._hookspecs``); this class
-    defines none of them, so a method named like a hook but not marked is reported as an error when
-    the backend is registered.
+    The hooks are documented in the hook reference (docs/hooks.md); this class defines none of them,
+    so a method named like a hook but not marked is reported as an error when the backend is registered.
+    One instance is made per load, with the load's merged config, before any hook runs.
+
+    A subclass may override ``__init__`` if it keeps the signature
+    ``(quantization_config, *, pre_quantized=False)`` and calls ``super().__init__`` first; state that
+    depends on the model belongs in ``preprocess_model``.
 
     Attributes a subclass may set:
 
     - ``required_packages``: import names checked before the load (default ``validate_environment``).
-    - ``use_keep_in_fp32_modules``: honour the model's ``_keep_in_fp32_modules``.
-    - ``requires_calibration``: the backend cannot quantize on load, only read pre-quantized weights.
-    - ``is_trainable`` / ``is_compileable``: informational flags read by the conformance suite.
+    - ``use_keep_in_fp32_modules``: honour the model's ``_keep_in_fp32_modules``; the loader then
+      passes them to ``preprocess_model`` as ``keep_in_fp32_modules``, which is separate from
+      ``modules_to_not_convert`` (that one is the config's list only: skip both).
+    - ``requires_calibration``: the backend cannot quantize on load, only read checkpoints made by its
+      own tools; :func:`qcore.from_pretrained` refuses to quantize on load with it (``ConfigError``).
+    - ``is_trainable`` / ``is_compileable``: whether the quantized modules train (e.g. LoRA) and
+      compile; qcore's loader does not read them, the diffusers / transformers bridge reports them.
+
+    Attributes the loader sets: ``pre_quantized``, ``modules_to_not_convert`` (from the config) and
+    ``pre_quantization_dtype`` (the load's dtype, known after ``update_torch_dtype``).
     """
 
     required_packages: ClassVar[tuple[str, ...]] = ()
@@ -40,8 +50,6 @@ class Quantizer:
             getattr(quantization_config, "modules_to_not_convert", None) or []
         )
         self.pre_quantization_dtype: torch.dtype | None = None
-        # Set by the loader: the load's hook relay, so saving and dequantizing call the same plugins.
-        self.hooks: HookRelay | None = None
 
     @property
     def quant_method(self) -> str:

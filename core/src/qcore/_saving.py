@@ -22,7 +22,7 @@ import torch
 from ._checkpoint import BIN_WEIGHTS_NAME, CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, add_variant
 from ._errors import SerializationError
 from ._model import family_of, model_config_dict
-from ._quantizer import Quantizer
+from ._loadrecord import load_record
 
 logger = logging.getLogger("qcore")
 
@@ -40,8 +40,8 @@ def save_pretrained(
     safe_serialization: bool = True,
 ) -> None:
     """Save ``model`` (quantized or not) in diffusers' layout, readable by qcore and diffusers."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    hooks = getattr(quantizer, "hooks", None) if isinstance(quantizer, Quantizer) else None
+    record = load_record(model)
+    quantizer, hooks = (record.quantizer, record.hooks) if record is not None else (None, None)
     state_dict: dict[str, torch.Tensor] = family_of(model).state_dict(model)
     metadata: dict[str, str] = {}
     config = model_config_dict(model)

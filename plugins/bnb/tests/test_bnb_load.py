@@ -237,6 +237,7 @@ def test_config_without_4_or_8_bit_is_refused(ckpt: Path) -> None:
         qcore.from_pretrained(TinyTransformer, ckpt, quantization_config=BitsAndBytesConfig())
 
 
+@pytest.mark.gpu  # without CUDA the loader refuses the map's cuda:0 first (ConfigError naming device_map)
 def test_cpu_offload_split_needs_the_flag(ckpt: Path) -> None:
     device_map = {
         "proj_in": "cpu",
