@@ -1,0 +1,184 @@
+"""transformers text encoders (T5, UMT5, CLIP) through qcore.from_pretrained, against transformers itself:
+same outputs, tied weights, float32 modules, the same module selection as transformers' quantizers, and
+checkpoints transformers reloads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import accelerate
+import pytest
+import torch
+
+import qcore
+from helpers.pipelines import clip_config, t5_config
+
+transformers = pytest.importorskip("transformers")
+bnb = pytest.importorskip("bitsandbytes")
+pytest.importorskip("torchao")
+from torchao.quantization import Int8WeightOnlyConfig  # noqa: E402
+
+from qcore_bnb import BitsAndBytesConfig  # noqa: E402
+from qcore_torchao import TorchAoConfig  # noqa: E402
+
+IDS = torch.tensor([[3, 4, 5, 6, 7, 1]])
+
+
+def encoders() -> dict[str, tuple[type, Any]]:
+    umt5 = transformers.UMT5Config(
+        **{
+            k: v
+            for k, v in t5_config().to_dict().items()
+            if k
+            in (
+                "vocab_size",
+                "d_model",
+                "d_kv",
+                "d_ff",
+                "num_layers",
+                "num_heads",
+                "relative_attention_num_buckets",
+                "feed_forward_proj",
+                "pad_token_id",
+                "eos_token_id",
+                "decoder_start_token_id",
+            )
+        }
+    )
+    return {
+        "T5EncoderModel": (transformers.T5EncoderModel, t5_config()),
+        "UMT5EncoderModel": (transformers.UMT5EncoderModel, umt5),
+        "CLIPTextModel": (transformers.CLIPTextModel, clip_config()),
+        "CLIPTextModelWithProjection": (transformers.CLIPTextModelWithProjection, clip_config()),
+    }
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    paths = {}
+    for name, (cls, config) in encoders().items():
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp("encoders") / name
+        cls(config).to(torch.bfloat16).save_pretrained(path)  # transformers' own writer
+        paths[name] = path
+    return paths
+
+
+def output(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        result = model(IDS)
+    return (
+        getattr(result, "text_embeds", None) if hasattr(result, "text_embeds") else result.last_hidden_state
+    )
+
+
+def quantized_linears(model: torch.nn.Module) -> list[str]:
+    return sorted(
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+        or (isinstance(module, torch.nn.Linear) and type(module.weight).__name__ != "Parameter")
+    )
+
+
+@pytest.mark.parametrize("name", sorted(encoders()))
+def test_unquantized_load_equals_transformers(saved: dict[str, Path], name: str) -> None:
+    cls = encoders()[name][0]
+    ours = qcore.from_pretrained(cls, saved[name], torch_dtype=torch.bfloat16)
+    theirs = cls.from_pretrained(saved[name], dtype=torch.bfloat16)
+    assert type(ours) is cls
+    assert torch.equal(output(ours), output(theirs))
+    if name.endswith("T5EncoderModel"):
+        assert ours.shared.weight is ours.encoder.embed_tokens.weight  # tied after loading
+
+
+def transformers_bnb_selection(cls: type, config: Any, options: dict[str, Any]) -> list[str]:
+    """transformers' own bitsandbytes replace step, on a meta skeleton, as its from_pretrained runs it."""
+    from transformers.quantizers import AutoHfQuantizer
+
+    with accelerate.init_empty_weights():
+        model = cls(config)
+    quantizer = AutoHfQuantizer.from_config(transformers.BitsAndBytesConfig(**options), pre_quantized=False)
+    quantizer.preprocess_model(model=model, device_map={"": "cpu"})
+    return quantized_linears(model)
+
+
+@pytest.mark.parametrize("name", sorted(encoders()))
+@pytest.mark.parametrize("bits", ["nf4", "8bit"])
+def test_bitsandbytes_selection_equals_transformers(saved: dict[str, Path], name: str, bits: str) -> None:
+    options: dict[str, Any] = (
+        dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        if bits == "nf4"
+        else dict(load_in_8bit=True)
+    )
+    cls, config = encoders()[name]
+    ours = qcore.from_pretrained(
+        cls, saved[name], quantization_config=BitsAndBytesConfig(**options), torch_dtype=torch.bfloat16
+    )
+    assert quantized_linears(ours) == transformers_bnb_selection(cls, config, options)
+    assert quantized_linears(ours)
+    if name == "CLIPTextModelWithProjection":
+        assert "text_projection" not in quantized_linears(ours)  # transformers keeps the last module
+    if "T5" in name:
+        assert not [n for n in quantized_linears(ours) if n.endswith(".wo")]  # _keep_in_fp32_modules
+    assert torch.isfinite(output(ours)).all()
+
+
+@pytest.mark.parametrize("name", sorted(encoders()))
+def test_torchao_selection_equals_transformers(saved: dict[str, Path], name: str) -> None:
+    cls = encoders()[name][0]
+    ours = qcore.from_pretrained(
+        cls,
+        saved[name],
+        quantization_config=TorchAoConfig(Int8WeightOnlyConfig()),
+        torch_dtype=torch.bfloat16,
+    )
+    theirs = cls.from_pretrained(
+        saved[name],
+        dtype=torch.bfloat16,
+        quantization_config=transformers.TorchAoConfig(Int8WeightOnlyConfig()),
+    )
+    # The one difference: transformers 5.23's torchao path matches _keep_in_fp32_modules ("wo") against
+    # parameter names ("...wo.weight"), never a match, so it quantizes T5's wo; its bitsandbytes path and
+    # qcore keep wo unquantized.
+    extra = [n for n in quantized_linears(theirs) if n not in quantized_linears(ours)]
+    assert [n for n in quantized_linears(ours) if n not in quantized_linears(theirs)] == []
+    assert extra == ([n for n in extra if n.endswith(".wo")] if "T5" in name else [])
+    if "T5" not in name:
+        assert torch.equal(output(ours), output(theirs))
+
+
+def test_t5_float32_modules_follow_transformers(saved: dict[str, Path]) -> None:
+    cls = transformers.T5EncoderModel
+    for dtype in (torch.float16, torch.bfloat16):
+        ours = qcore.from_pretrained(cls, saved["T5EncoderModel"], torch_dtype=dtype)
+        theirs = cls.from_pretrained(saved["T5EncoderModel"], dtype=dtype)
+        wo = "encoder.block.0.layer.1.DenseReluDense.wo.weight"
+        # transformers upcasts _keep_in_fp32_modules in float16 loads only.
+        assert ours.state_dict()[wo].dtype == theirs.state_dict()[wo].dtype
+        assert ours.state_dict()[wo].dtype == (torch.float32 if dtype == torch.float16 else dtype)
+        assert torch.equal(output(ours), output(theirs))
+
+
+@pytest.mark.parametrize("name", ["T5EncoderModel", "CLIPTextModelWithProjection"])
+def test_torchao_checkpoint_reloads_in_transformers(
+    saved: dict[str, Path], tmp_path: Path, name: str
+) -> None:
+    cls = encoders()[name][0]
+    ours = qcore.from_pretrained(
+        cls,
+        saved[name],
+        quantization_config=TorchAoConfig(Int8WeightOnlyConfig()),
+        torch_dtype=torch.bfloat16,
+    )
+    ours.save_pretrained(tmp_path / "q")  # transformers' method name, qcore's writer
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["architectures"] == [name] and config["quantization_config"]["quant_method"] == "torchao"
+    theirs = cls.from_pretrained(tmp_path / "q")
+    assert quantized_linears(theirs) == quantized_linears(ours)
+    assert torch.equal(output(theirs), output(ours))
+    again = qcore.from_pretrained(cls, tmp_path / "q")
+    assert torch.equal(output(again), output(ours))
