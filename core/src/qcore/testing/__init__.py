@@ -19,12 +19,17 @@ Imported on demand (``import qcore`` does not import it, nor pytest)::
 
 from __future__ import annotations
 
+from ._capabilities import CAPABILITIES, BackendCapabilities, CapabilityResult, capability_matrix
 from ._conformance import CORRUPTIONS, BackendConformance, first_tensor, relative_error, tensor_bytes
 from ._models import ConformanceBlock, ConformanceModel
 from ._observers import HOOK_NAMES, LOAD_ORDER, SAVE_ORDER, HookRecorder
 
 __all__ = [
     "BackendConformance",
+    "BackendCapabilities",
+    "CAPABILITIES",
+    "CapabilityResult",
+    "capability_matrix",
     "ConformanceModel",
     "ConformanceBlock",
     "HookRecorder",
