@@ -44,7 +44,7 @@ def _run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 
 def clean_environ(**overrides: str) -> dict[str, str]:
-    """os.environ without qcore's own switches (so the caller's shell cannot change a test), plus overrides."""
+    """os.environ without qcore's own switches (the caller's shell cannot change a test), plus overrides."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("QCORE_")}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.update(overrides)
@@ -88,8 +88,20 @@ def build_wheels(projects: list[Path], dest: Path) -> dict[str, Path]:
     """Build every project (one pip call) into ``dest``; returns {distribution name: wheel}."""
     dest.mkdir(parents=True, exist_ok=True)
     _run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-         "--disable-pip-version-check", "-q", "-w", str(dest), *map(str, projects)]
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--disable-pip-version-check",
+            "-q",
+            "-w",
+            str(dest),
+            *map(str, projects),
+        ]
     )
     wheels = {}
     for wheel in dest.glob("*.whl"):
@@ -97,7 +109,7 @@ def build_wheels(projects: list[Path], dest: Path) -> dict[str, Path]:
     return wheels
 
 
-_BACKEND_TEMPLATE = '''
+_BACKEND_TEMPLATE = """
 import qcore
 
 class {cls}Config(qcore.QuantizationConfig):
@@ -110,47 +122,79 @@ class {cls}Quantizer(qcore.Quantizer):
     {body}
 
 BACKEND = qcore.Backend("{method}", {cls}Config, {cls}Quantizer)
-'''
+"""
 
 
 def _backend_module(cls: str, method: str, body: str = "pass") -> str:
-    return _BACKEND_TEMPLATE.format(cls=cls, method=method, body=textwrap.indent(textwrap.dedent(body), "    ").strip())
+    return _BACKEND_TEMPLATE.format(
+        cls=cls, method=method, body=textwrap.indent(textwrap.dedent(body), "    ").strip()
+    )
 
 
 def throwaway_distributions(root: Path) -> list[Path]:
     """Distributions that are broken (or conflicting) on purpose, each a real installable project."""
     return [
         write_distribution(
-            root, "qcore-broken-import", "qcore_broken_import", {"broken-import": "qcore_broken_import:BACKEND"},
+            root,
+            "qcore-broken-import",
+            "qcore_broken_import",
+            {"broken-import": "qcore_broken_import:BACKEND"},
             {"__init__.py": 'raise RuntimeError("qcore_broken_import cannot be imported on purpose")\n'},
         ),
         write_distribution(
-            root, "qcore-bad-hookargs", "qcore_bad_hookargs", {"bad-hookargs": "qcore_bad_hookargs:BACKEND"},
-            {"__init__.py": _backend_module("BadArgs", "bad-hookargs", """
+            root,
+            "qcore-bad-hookargs",
+            "qcore_bad_hookargs",
+            {"bad-hookargs": "qcore_bad_hookargs:BACKEND"},
+            {
+                "__init__.py": _backend_module(
+                    "BadArgs",
+                    "bad-hookargs",
+                    """
                 @qcore.hookimpl
                 def preprocess_model(self, model, not_a_spec_argument):
                     pass
-            """)},
+            """,
+                )
+            },
         ),
         write_distribution(
-            root, "qcore-unknown-hook", "qcore_unknown_hook", {"unknown-hook": "qcore_unknown_hook:BACKEND"},
-            {"__init__.py": _backend_module("Unknown", "unknown-hook", """
+            root,
+            "qcore-unknown-hook",
+            "qcore_unknown_hook",
+            {"unknown-hook": "qcore_unknown_hook:BACKEND"},
+            {
+                "__init__.py": _backend_module(
+                    "Unknown",
+                    "unknown-hook",
+                    """
                 @qcore.hookimpl
                 def preprocess_modle(self, model):
                     pass
-            """)},
+            """,
+                )
+            },
         ),
         write_distribution(
-            root, "qcore-not-a-backend", "qcore_not_a_backend", {"not-a-backend": "qcore_not_a_backend:BACKEND"},
+            root,
+            "qcore-not-a-backend",
+            "qcore_not_a_backend",
+            {"not-a-backend": "qcore_not_a_backend:BACKEND"},
             {"__init__.py": "BACKEND = {'quant_method': 'not-a-backend'}\n"},
         ),
         # Two working distributions that claim the same quant_method "dup".
         write_distribution(
-            root, "qcore-dup-a", "qcore_dup_a", {"dup": "qcore_dup_a:BACKEND"},
+            root,
+            "qcore-dup-a",
+            "qcore_dup_a",
+            {"dup": "qcore_dup_a:BACKEND"},
             {"__init__.py": _backend_module("DupA", "dup")},
         ),
         write_distribution(
-            root, "qcore-dup-b", "qcore_dup_b", {"dup": "qcore_dup_b:BACKEND"},
+            root,
+            "qcore-dup-b",
+            "qcore_dup_b",
+            {"dup": "qcore_dup_b:BACKEND"},
             {"__init__.py": _backend_module("DupB", "dup")},
         ),
     ]
@@ -179,14 +223,30 @@ class FreshEnv:
         # --ignore-installed: the outer environment may hold the same distribution (e.g. qcore-int8);
         # the copy in this environment must be installed anyway, and the outer one left alone.
         _run(
-            [str(self.python), "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed",
-             "--disable-pip-version-check", "-q", *map(str, wheels)],
+            [
+                str(self.python),
+                "-m",
+                "pip",
+                "install",
+                "--no-deps",
+                "--no-index",
+                "--ignore-installed",
+                "--disable-pip-version-check",
+                "-q",
+                *map(str, wheels),
+            ],
             env=clean_environ(),
         )
 
-    def run(self, code: str, *, cwd: Path | None = None, timeout: float = 300, **environ: str) -> subprocess.CompletedProcess[str]:
-        return _run([str(self.python), "-c", textwrap.dedent(code)], cwd=cwd or self.root,
-                    env=clean_environ(**environ), timeout=timeout)
+    def run(
+        self, code: str, *, cwd: Path | None = None, timeout: float = 300, **environ: str
+    ) -> subprocess.CompletedProcess[str]:
+        return _run(
+            [str(self.python), "-c", textwrap.dedent(code)],
+            cwd=cwd or self.root,
+            env=clean_environ(**environ),
+            timeout=timeout,
+        )
 
     def run_json(self, code: str, **environ: str) -> Any:
         """Run ``code`` (which prints one JSON document last) and return the document."""
@@ -200,7 +260,9 @@ def make_env(root: Path) -> FreshEnv:
     site_packages = Path(
         _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
     )
-    (site_packages / "_outer_environment.pth").write_text(f"import site; site.addsitedir({OUTER_PURELIB!r})\n")
+    (site_packages / "_outer_environment.pth").write_text(
+        f"import site; site.addsitedir({OUTER_PURELIB!r})\n"
+    )
     return FreshEnv(root, python, site_packages)
 
 

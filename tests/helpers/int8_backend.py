@@ -5,7 +5,6 @@ Registered in-process with qcore.register_backend; it uses only qcore's public A
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
@@ -16,7 +15,9 @@ class Int8TestConfig(qcore.QuantizationConfig):
     quant_method = "int8-test"
     loading_attributes = frozenset({"compute_dtype"})
 
-    def __init__(self, modules_to_not_convert: list[str] | None = None, compute_dtype: str = "bfloat16") -> None:
+    def __init__(
+        self, modules_to_not_convert: list[str] | None = None, compute_dtype: str = "bfloat16"
+    ) -> None:
         if compute_dtype not in ("bfloat16", "float16", "float32"):
             raise qcore.ConfigError(
                 f"compute_dtype must be one of bfloat16, float16, float32, not {compute_dtype!r}",
@@ -31,7 +32,9 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False
+        )
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype)) if bias else None
 
@@ -62,7 +65,10 @@ class Int8TestQuantizer(qcore.Quantizer):
     @qcore.hookimpl
     def check_if_quantized_param(self, model: nn.Module, param_name: str) -> bool:
         module_name, _, tensor_name = param_name.rpartition(".")
-        return isinstance(model.get_submodule(module_name), Int8Linear) and tensor_name in ("weight", "weight_scale")
+        return isinstance(model.get_submodule(module_name), Int8Linear) and tensor_name in (
+            "weight",
+            "weight_scale",
+        )
 
     @qcore.hookimpl
     def group_checkpoint_keys(self, model: nn.Module, checkpoint_keys: list[str]) -> dict[str, list[str]]:
@@ -77,14 +83,23 @@ class Int8TestQuantizer(qcore.Quantizer):
         return groups
 
     @qcore.hookimpl
-    def check_quantized_param_shape(self, param_name: str, current_param: torch.Tensor, loaded_param: torch.Tensor) -> bool:
+    def check_quantized_param_shape(
+        self, param_name: str, current_param: torch.Tensor, loaded_param: torch.Tensor
+    ) -> bool:
         if current_param.shape != loaded_param.shape:
-            raise qcore.ShapeMismatchError(f"{param_name!r}: {tuple(loaded_param.shape)} != {tuple(current_param.shape)}")
+            raise qcore.ShapeMismatchError(
+                f"{param_name!r}: {tuple(loaded_param.shape)} != {tuple(current_param.shape)}"
+            )
         return True
 
     @qcore.hookimpl
     def create_quantized_param(
-        self, model: nn.Module, param_name: str, param_value: torch.Tensor, target_device: torch.device, state_dict: dict[str, torch.Tensor]
+        self,
+        model: nn.Module,
+        param_name: str,
+        param_value: torch.Tensor,
+        target_device: torch.device,
+        state_dict: dict[str, torch.Tensor],
     ) -> None:
         module = model.get_submodule(param_name.rpartition(".")[0])
         if self.pre_quantized:
@@ -113,7 +128,9 @@ class Int8TestQuantizer(qcore.Quantizer):
         dtype = self.pre_quantization_dtype or torch.float32
         for name, module in list(model.named_modules()):
             if isinstance(module, Int8Linear):
-                lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype)
+                lin = nn.Linear(
+                    module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype
+                )
                 lin.weight.data = (module.weight.float() * module.weight_scale[:, None]).to(dtype)
                 if module.bias is not None:
                     lin.bias.data = module.bias.data.to(dtype)
