@@ -254,3 +254,15 @@ def test_relative_links_and_anchors_resolve(page: str) -> None:
             if fragment not in {anchor(h) for h in headings}:
                 broken.append(target)
     assert not broken, f"{page}: links to missing files or headings: {broken}"
+
+
+REPO_PATH = re.compile(
+    r"\b(?:tests|plugins|examples|bench|scripts|core|docs)/[\w./*-]*\.(?:py|sh|md|toml|txt|jsonl)\b"
+)
+
+
+@pytest.mark.parametrize("page", ["README.md", *(str(p.relative_to(REPO)) for p in doc_files())])
+def test_repository_paths_named_in_docs_exist(page: str) -> None:
+    named = set(REPO_PATH.findall((REPO / page).read_text(encoding="utf-8")))
+    missing = sorted(path for path in named if not any(REPO.glob(path)))
+    assert not missing, f"{page} names files that are not in the repository: {missing}"
