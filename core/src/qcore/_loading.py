@@ -25,9 +25,11 @@ from typing import Any, Literal, TypeVar, overload
 
 import torch
 
+from ._arguments import check_diffusers_options, one_dtype
 from ._bridge import config_dict_from_foreign, is_foreign_config
 from ._checkpoint import CheckpointFiles, CheckpointReader, check_value_dtype, locate_checkpoint, read_json
 from ._config import QuantizationConfig, merge_quantization_configs
+from ._devices import check_devices_exist, resolve_device_map, target_device
 from ._errors import (
     ConfigError,
     CorruptCheckpointError,
@@ -46,28 +48,6 @@ from ._streaming import stream_tensors
 logger = logging.getLogger("qcore")
 
 M = TypeVar("M", bound=torch.nn.Module)
-
-AUTO_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-
-# diffusers' from_pretrained keywords that qcore does not implement: {name: (accepted values, advice)}.
-UNSUPPORTED_OPTIONS: dict[str, tuple[tuple[Any, ...], str]] = {
-    "force_download": (
-        (False,),
-        "delete the files from the Hugging Face cache (`hf cache delete`) and load again",
-    ),
-    "proxies": ((None,), "set HTTPS_PROXY / HTTP_PROXY in the environment; huggingface_hub reads them"),
-    "offload_folder": ((None,), "qcore does not offload to disk: map modules that do not fit to 'cpu'"),
-    "offload_state_dict": ((None, False, True), ""),  # qcore never holds a state dict: always satisfied
-    "disable_mmap": (
-        (False,),
-        "qcore reads CPU tensors through safetensors' memory map, CUDA ones with preadv",
-    ),
-    "ignore_mismatched_sizes": ((False,), "qcore loads no tensor whose shape differs from the model's"),
-    "use_flashpack": ((False,), "qcore reads safetensors and .bin checkpoints only"),
-    "flashpack_kwargs": ((None, {}), "qcore reads safetensors and .bin checkpoints only"),
-    "parallel_config": ((None,), "qcore does not shard models over devices; use device_map"),
-    "mirror": ((None,), "the hub endpoint is set by HF_ENDPOINT"),
-}
 
 # The skeleton may hold at most this many elements per checkpoint byte (2-bit packing is 4; slack
 # for tied and generated parameters), and this many parameters per checkpoint tensor.
@@ -179,7 +159,9 @@ def from_pretrained(
         clock.lap("skeleton")
         keep_fp32 = keep_in_fp32(model, quant, keep_in_fp32_modules, load_dtype)
         preprocess(model, quant, load_dtype, device_map, keep_fp32, checkpoint)
-        placement = resolve_device_map(model, quant, load_dtype, device_map, max_memory)
+        placement = resolve_device_map(
+            model, quant.quantizer, quant.hooks, load_dtype, device_map, max_memory
+        )
         clock.lap("preprocess")
         load_weights(model, reader, quant, torch_dtype, placement, keep_fp32)
         clock.lap("load")
@@ -205,106 +187,7 @@ class _StageClock:
         return ", ".join(f"{stage} {seconds}" for stage, seconds in self.laps.items())
 
 
-# --- stage 0: arguments -------------------------------------------------------------------------
-
-
-def one_dtype(torch_dtype: torch.dtype | None, dtype: torch.dtype | None) -> torch.dtype | None:
-    """``dtype`` (diffusers' new name) and ``torch_dtype`` are one option."""
-    if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
-        raise ConfigError(
-            f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass only dtype (torch_dtype is its "
-            "older name)",
-            option="dtype",
-        )
-    chosen = dtype if dtype is not None else torch_dtype
-    if chosen is not None and not isinstance(chosen, torch.dtype):
-        raise ConfigError(f"torch_dtype must be a torch.dtype, not {chosen!r}", option="torch_dtype")
-    return chosen
-
-
-def check_diffusers_options(options: Mapping[str, Any]) -> None:
-    """Accept diffusers' keywords qcore has no use for at their defaults; name every other one."""
-    for name, value in options.items():
-        if name not in UNSUPPORTED_OPTIONS:
-            raise ConfigError(
-                f"from_pretrained() got an unknown keyword argument {name!r}. diffusers would pass it on "
-                "to the model's config; qcore does not: edit config.json instead, or fix the name.",
-                option=name,
-            )
-        accepted, advice = UNSUPPORTED_OPTIONS[name]
-        if not any(value is ok or (type(value) is type(ok) and value == ok) for ok in accepted):
-            raise ConfigError(f"{name}={value!r} is not supported by qcore: {advice}", option=name)
-
-
-def check_devices_exist(device_map: Any) -> None:
-    """Refuse a device map that names an accelerator this machine does not have, before any work."""
-    for value in _device_map_values(device_map):
-        device = _accelerator_index(value, device_map) if _is_index(value) else _device(value)
-        if device.type in ("cpu", "meta"):
-            continue
-        backend = getattr(torch, device.type, None)
-        is_available = getattr(backend, "is_available", None)
-        count = getattr(backend, "device_count", None)
-        if not (callable(is_available) and is_available()):
-            raise ConfigError(
-                f"device_map={device_map!r} places weights on {device}, but this machine has no "
-                f"{device.type} device that torch can use (torch.{device.type}.is_available() is False). "
-                "Leave device_map out to load on the CPU, or install a torch build for that device.",
-                option="device_map",
-            )
-        if device.index is not None and callable(count) and device.index >= count():
-            raise ConfigError(
-                f"device_map={device_map!r} places weights on {device}, but this machine has "
-                f"{count()} {device.type} device(s)",
-                option="device_map",
-            )
-
-
-def _device_map_values(device_map: Any) -> list[Any]:
-    if device_map is None or (isinstance(device_map, str) and device_map in AUTO_DEVICE_MAPS):
-        return []
-    if isinstance(device_map, Mapping):
-        return list(device_map.values())
-    if not _is_index(device_map):
-        _single_device(device_map)  # the type and the name are checked, whatever the machine
-    return [device_map]
-
-
-def _is_index(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _accelerator_index(index: int, device_map: Any) -> torch.device:
-    """A bare index names a device of the machine's accelerator (CUDA, for accelerate's maps)."""
-    if not torch.accelerator.is_available():
-        raise ConfigError(
-            f"device_map={device_map!r} places weights on accelerator {index}, but this machine has no "
-            "cuda device (or other accelerator) that torch can use. Leave device_map out to load on "
-            "the CPU, or install a torch build for your accelerator.",
-            option="device_map",
-        )
-    return torch.device(index)
-
-
-def _single_device(device_map: Any) -> torch.device:
-    if isinstance(device_map, (int, str, torch.device)) and not isinstance(device_map, bool):
-        try:
-            return torch.device(device_map)
-        except (RuntimeError, TypeError) as exc:
-            raise ConfigError(
-                f"device_map {device_map!r} is not a device nor one of {', '.join(AUTO_DEVICE_MAPS)}",
-                option="device_map",
-            ) from exc
-    raise ConfigError(f"device_map {device_map!r} is not understood", option="device_map")
-
-
-def _device(value: Any) -> torch.device:
-    if value == "disk":
-        raise ConfigError("offloading to 'disk' is not supported; use 'cpu'", option="device_map")
-    try:
-        return torch.device(value)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"device_map entry {value!r} is not a device", option="device_map") from exc
+# --- stage 0: the checkpoint's headers -----------------------------------------------------------
 
 
 def summarize_checkpoint(reader: CheckpointReader) -> CheckpointSummary:
@@ -502,71 +385,6 @@ def preprocess(
         torch_dtype=torch_dtype,
         checkpoint_tensors=checkpoint.tensors,
     )
-
-
-def resolve_device_map(
-    model: torch.nn.Module,
-    quant: Quantization,
-    torch_dtype: torch.dtype | None,
-    device_map: Any,
-    max_memory: Mapping[Any, int | str] | None,
-) -> dict[str, torch.device]:
-    """Any accepted device_map form -> {module prefix: device}."""
-    if device_map is None:
-        return {"": torch.device("cpu")}
-    if isinstance(device_map, Mapping):
-        return {name: _device(dev) for name, dev in device_map.items()}
-    if isinstance(device_map, str) and device_map in AUTO_DEVICE_MAPS:
-        return _auto_device_map(model, quant, torch_dtype or torch.float32, device_map, max_memory)
-    return {"": _single_device(device_map)}
-
-
-def _auto_device_map(
-    model: torch.nn.Module,
-    quant: Quantization,
-    torch_dtype: torch.dtype,
-    strategy: str,
-    max_memory: Mapping[Any, int | str] | None,
-) -> dict[str, torch.device]:
-    from accelerate.utils import get_balanced_memory, get_max_memory, infer_auto_device_map
-
-    no_split = list(getattr(model, "_no_split_modules", None) or [])
-    q, hooks = quant.quantizer, quant.hooks
-    target_dtype = hooks.adjust_target_dtype(quantizer=q, torch_dtype=torch_dtype)
-    special_dtypes = hooks.get_special_dtypes_update(quantizer=q, model=model, torch_dtype=torch_dtype)
-    memory = dict(max_memory) if max_memory is not None else None
-    if strategy == "sequential":
-        memory = get_max_memory(memory)
-    else:
-        memory = get_balanced_memory(
-            model,
-            max_memory=memory,
-            no_split_module_classes=no_split,
-            dtype=target_dtype,
-            special_dtypes=special_dtypes,
-            low_zero=strategy == "balanced_low_0",
-        )
-    memory = hooks.adjust_max_memory(quantizer=q, max_memory=memory)
-    device_map = infer_auto_device_map(
-        model,
-        max_memory=memory,
-        no_split_module_classes=no_split,
-        dtype=target_dtype,
-        special_dtypes=special_dtypes,
-    )
-    logger.info("device_map=%r placed the model as %s", strategy, device_map)
-    return {name: _device(dev) for name, dev in device_map.items()}
-
-
-def target_device(param_name: str, device_map: Mapping[str, torch.device]) -> torch.device:
-    """The device of the longest device_map prefix that contains ``param_name``."""
-    name = param_name
-    while True:
-        if name in device_map:
-            return device_map[name]
-        if not name:
-            raise ConfigError(f"device_map does not place {param_name!r}", option="device_map")
-        name = name.rpartition(".")[0]
 
 
 # --- stage 5 ------------------------------------------------------------------------------------
