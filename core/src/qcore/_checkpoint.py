@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ._singlefile import fetch_single_file
 
 logger = logging.getLogger("qcore")
 
@@ -555,7 +556,20 @@ def locate_checkpoint(
     local_files_only: bool = False,
     token: str | bool | None = None,
 ) -> CheckpointFiles:
-    """Find config.json and the weight files; for hub ids, download only those files."""
+    """Find config.json and the weight files; for hub ids, download only those files.
+
+    ``path`` may also name one weight file (local, ``<owner>/<repo>/<file>`` or a hub file URL): the
+    result then lists that file as its weights and as its ``config_path``.
+    """
+    single = fetch_single_file(
+        os.fspath(path),
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        token=token,
+    )
+    if single is not None:
+        return CheckpointFiles(str(single), single, [single])
     fetcher = _Fetcher(
         os.fspath(path),
         subfolder,

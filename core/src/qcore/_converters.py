@@ -14,10 +14,21 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, ClassVar
 
-from ._errors import BackendLoadError, CheckpointError
-from ._formats import TensorInfo
+import torch
+
+from ._checkpoint import CONFIG_NAME, CheckpointFiles, CheckpointReader, read_json
+from ._checkpoint import TensorInfo as StoredTensorInfo
+from ._errors import (
+    BackendLoadError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+)
+from ._formats import CheckpointFormat, SafetensorsFormat, TensorInfo, open_format
 
 logger = logging.getLogger("qcore")
 
@@ -136,3 +147,159 @@ def check_mapping(
             f"{where}: {len(unused)} tensor(s) of the file have no place in the model: {shown}. The file "
             "does not belong to this model class, or the converter does not know these keys."
         )
+
+
+# --- reading a single file through a format and a converter --------------------------------------
+
+
+class ConvertedReader:
+    """A :class:`CheckpointReader` look-alike over one file of any format, in the model's naming.
+
+    Each model key is read as the concatenation (dim 0) of its row ranges; a format's block-quantized
+    rows stay blocks, so nothing is decoded and only the needed bytes are read.
+    """
+
+    def __init__(
+        self, files: CheckpointFiles, fmt: CheckpointFormat, mapping: Mapping[str, Sequence[RowRange]]
+    ):
+        self.files = files
+        self.format = fmt
+        self.mapping = {key: list(ranges) for key, ranges in mapping.items()}
+        path = files.weight_files[0]
+        self.keys: list[str] = list(self.mapping)
+        self.key_file: dict[str, Path] = dict.fromkeys(self.keys, path)
+        self.metadata: dict[str, str] = fmt.metadata()
+        self._infos = {key: self._stored_info(key, ranges) for key, ranges in self.mapping.items()}
+
+    def _stored_info(self, key: str, ranges: Sequence[RowRange]) -> StoredTensorInfo:
+        tensors = self.format.tensors()
+        parts = [tensors[part.key] for part in ranges]
+        first = parts[0]
+        for part, info in zip(ranges[1:], parts[1:], strict=True):
+            if (info.dtype, info.quant_type, info.stored_shape[1:]) != (
+                first.dtype,
+                first.quant_type,
+                first.stored_shape[1:],
+            ):
+                raise CorruptCheckpointError(
+                    f"{self.files.location}: {key!r} joins rows of {ranges[0].key!r} and {part.key!r}, "
+                    "which are stored differently (type or row width)"
+                )
+        rows = 0
+        for part, info in zip(ranges, parts, strict=True):
+            start, stop = part.bounds(info.stored_shape[0] if info.stored_shape else 1)
+            rows += stop - start
+        whole = first.stored_shape[0] if first.stored_shape else 1
+        shape = (rows, *first.stored_shape[1:]) if first.stored_shape else first.stored_shape
+        nbytes = (
+            sum(info.nbytes for info in parts) if len(parts) > 1 else first.nbytes * rows // max(whole, 1)
+        )
+        label = first.quant_type or str(first.dtype).removeprefix("torch.")
+        return StoredTensorInfo(label, first.dtype, shape, nbytes, None)
+
+    def __enter__(self) -> ConvertedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.format.close()
+
+    def info(self, key: str) -> StoredTensorInfo:
+        return self._infos[key]
+
+    def read(self, key: str) -> torch.Tensor:
+        tensors = self.format.tensors()
+        parts = []
+        for part in self.mapping[key]:
+            stored = tensors[part.key].stored_shape
+            rows = part.bounds(stored[0] if stored else 1)
+            whole = part.start == 0 and (part.stop is None or not stored or part.stop == stored[0])
+            parts.append(self.format.read(part.key, None if whole else rows))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def dtype_and_numel(self, key: str) -> tuple[torch.dtype | None, int]:
+        info = self.info(key)
+        return info.torch_dtype, info.numel
+
+    def file_of(self, key: str) -> str:
+        ranges = self.mapping.get(key)
+        name = self.files.weight_files[0].name
+        return f"{name} ({', '.join(r.key for r in ranges)})" if ranges and ranges[0].key != key else name
+
+
+def _user_config(
+    config: Mapping[str, Any] | str | os.PathLike[str], subfolder: str | None, hub_kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    if isinstance(config, Mapping):
+        return dict(config)
+    path = Path(os.fspath(config))
+    if path.is_file():
+        return read_json(path)
+    if path.is_dir():
+        found = path / (subfolder or "") / CONFIG_NAME
+        if not found.is_file():
+            raise CheckpointNotFoundError(f"config={os.fspath(config)!r}: no {CONFIG_NAME} in {found.parent}")
+        return read_json(found)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return read_json(
+            Path(hf_hub_download(os.fspath(config), CONFIG_NAME, subfolder=subfolder, **hub_kwargs))
+        )
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointNotFoundError(
+            f"config={os.fspath(config)!r} is neither a dict, a local file or directory, nor a hub "
+            f"repository with {CONFIG_NAME}"
+            + (f" in subfolder {subfolder!r}" if subfolder else "")
+            + f" ({exc})"
+        ) from exc
+
+
+def open_checkpoint(
+    model_cls: type,
+    files: CheckpointFiles,
+    config: Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    *,
+    subfolder: str | None = None,
+    hub_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], CheckpointReader | ConvertedReader]:
+    """The model config and a (not yet entered) reader of the checkpoint, in the model's naming.
+
+    The config is ``config`` (a dict, a config.json file or directory, or a hub id) when given, else the
+    directory's config.json; for a single file, the format's own config, else the converter's inference
+    from tensor shapes, else an error that asks for ``config=``. A format that implies a ``quant_method``
+    adds it as the checkpoint's ``quantization_config``, so a missing backend is an install hint.
+    """
+    hub_kwargs = dict(hub_kwargs or {})
+    user = _user_config(config, subfolder, hub_kwargs) if config is not None else None
+    path = files.weight_files[0]
+    if files.config_path != path:  # a directory (or hub repository) with its config.json
+        return (user if user is not None else read_json(files.config_path)), CheckpointReader(files)
+    fmt = open_format(path)
+    try:
+        tensors = fmt.tensors()
+        converter = find_converter(model_cls.__name__, tensors)
+        resolved = user if user is not None else fmt.model_config()
+        if resolved is None and converter is not None:
+            resolved = converter.infer_config(tensors)
+        if resolved is None:
+            raise ConfigError(
+                f"{path}: the file carries no model config"
+                + (", and the tensor shapes do not determine one" if converter is not None else "")
+                + f". Pass config= to from_pretrained: a dict, a {CONFIG_NAME} file or a directory holding "
+                f"one, or a hub id of the original model (with subfolder=, e.g. 'transformer')",
+                option="config",
+            )
+        implied = fmt.quantization_config()
+        if implied is not None and "quantization_config" not in resolved:
+            resolved = {**resolved, "quantization_config": implied}
+        if converter is None and isinstance(fmt, SafetensorsFormat):
+            fmt.close()
+            return resolved, CheckpointReader(files)
+        mapping = converter.convert(tensors) if converter is not None else {k: [RowRange(k)] for k in tensors}
+        check_mapping(mapping, tensors, str(path))
+        return resolved, ConvertedReader(files, fmt, mapping)
+    except BaseException:
+        fmt.close()
+        raise

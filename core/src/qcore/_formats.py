@@ -20,11 +20,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._errors import BackendLoadError, BackendNotFoundError, CheckpointError, CorruptCheckpointError
+from ._errors import (
+    BackendLoadError,
+    BackendNotFoundError,
+    CheckpointError,
+    CorruptCheckpointError,
+)
+from ._singlefile import FORMATS_GROUP
 
 logger = logging.getLogger("qcore")
-
-FORMATS_GROUP = "qcore.formats"
 
 # Suffixes whose reader lives in a known distribution: (implied quant_method, install hint).
 _KNOWN_FORMATS = {"gguf": ("gguf", "pip install qcore-gguf")}
@@ -34,19 +38,27 @@ _KNOWN_FORMATS = {"gguf": ("gguf", "pip install qcore-gguf")}
 class TensorInfo:
     """What a format knows of one stored tensor without reading it.
 
-    ``shape`` is the logical shape (elements, not bytes). ``dtype`` is the torch dtype of a plain tensor,
-    ``None`` for a block-quantized one; ``quant_type`` names the format's block type (e.g. ``"Q4_K"``),
-    ``None`` for a plain tensor. ``nbytes`` is the stored size.
+    ``shape`` is the logical shape (elements). ``dtype`` and ``storage_shape`` describe the torch tensor
+    :meth:`CheckpointFormat.read` returns: the same as the logical ones for a plain tensor; for a
+    block-quantized one (``quant_type`` names the format's block type, e.g. ``"Q4_K"``) typically
+    ``torch.uint8`` and ``(rows, bytes per row)``. Rows (dim 0) are the same in both shapes, so a
+    converter's row ranges apply to either. ``nbytes`` is the stored size.
     """
 
     shape: tuple[int, ...]
     dtype: torch.dtype | None
     quant_type: str | None = None
     nbytes: int = 0
+    storage_shape: tuple[int, ...] | None = None
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape of the tensor :meth:`CheckpointFormat.read` returns."""
+        return self.storage_shape if self.storage_shape is not None else self.shape
 
 
 class CheckpointFormat:
@@ -107,40 +119,22 @@ class SafetensorsFormat(CheckpointFormat):
 
     suffixes = (".safetensors",)
 
-    _DTYPES: ClassVar[dict[str, torch.dtype]] = {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-        **{
-            name: getattr(torch, attr)
-            for name, attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
-            if hasattr(torch, attr)
-        },
-    }
-
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         from safetensors import safe_open
 
+        from ._checkpoint import read_safetensors_header  # (_checkpoint imports this module)
+
+        # The loader's validated header reader: one dtype table, the same checks for single files.
+        self._infos: dict[str, TensorInfo] = {
+            key: TensorInfo(info.shape, info.torch_dtype, None, info.nbytes)
+            for key, info in read_safetensors_header(self.path).tensors.items()
+        }
         try:
             self._context = safe_open(str(self.path), framework="pt", device="cpu")
             self._handle = self._context.__enter__()
         except Exception as exc:  # safetensors raises its own error types for bad headers
             raise CorruptCheckpointError(f"{self.path}: not a valid safetensors file ({exc})") from exc
-        self._infos: dict[str, TensorInfo] = {}
-        for key in self._handle.keys():
-            view = self._handle.get_slice(key)
-            shape = tuple(view.get_shape())
-            dtype = self._DTYPES.get(view.get_dtype())
-            size = torch.empty((), dtype=dtype).element_size() if dtype is not None else 0
-            self._infos[key] = TensorInfo(shape, dtype, None, math.prod(shape) * size)
 
     def tensors(self) -> Mapping[str, TensorInfo]:
         return self._infos
@@ -148,7 +142,9 @@ class SafetensorsFormat(CheckpointFormat):
     def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         try:
             if rows is None:
-                return self._handle.get_tensor(key)
+                from ._checkpoint import aligned
+
+                return aligned(self._handle.get_tensor(key))
             return self._handle.get_slice(key)[rows[0] : rows[1]]
         except Exception as exc:
             raise CorruptCheckpointError(f"{self.path}: tensor {key!r} cannot be read ({exc})") from exc

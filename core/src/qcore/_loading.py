@@ -27,8 +27,9 @@ import torch
 
 from ._arguments import check_diffusers_options, one_dtype
 from ._bridge import config_dict_from_foreign, is_foreign_config
-from ._checkpoint import CheckpointFiles, CheckpointReader, check_value_dtype, locate_checkpoint, read_json
+from ._checkpoint import CheckpointFiles, CheckpointReader, check_value_dtype, locate_checkpoint
 from ._config import QuantizationConfig, merge_quantization_configs
+from ._converters import open_checkpoint
 from ._devices import check_devices_exist, resolve_device_map, target_device
 from ._errors import (
     ConfigError,
@@ -125,6 +126,7 @@ def from_pretrained(
     keep_in_fp32_modules: Sequence[str] | None = None,
     observers: Sequence[object] = (),
     output_loading_info: bool = False,
+    config: Mapping[str, Any] | str | os.PathLike[str] | None = None,
     **diffusers_options: Any,
 ) -> M | tuple[M, dict[str, list[Any]]]:
     """Load ``model_cls`` from a local directory or hub id, quantizing on load or reading a
@@ -145,10 +147,16 @@ def from_pretrained(
         local_files_only=local_files_only,
         token=token,
     )
-    config = read_json(files.config_path)
+    config, checkpoint_reader = open_checkpoint(
+        model_cls,
+        files,
+        config,
+        subfolder=subfolder,
+        hub_kwargs=_hub_kwargs(revision, cache_dir, local_files_only, token),
+    )
     clock = _StageClock()
 
-    with CheckpointReader(files) as reader:  # headers only, until stage 5
+    with checkpoint_reader as reader:  # headers only, until stage 5
         checkpoint = summarize_checkpoint(reader)
         quant = resolve_quantization(config, quantization_config, files, observers)
         clock.lap("resolve")
@@ -171,6 +179,15 @@ def from_pretrained(
     if output_loading_info:
         return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
     return model
+
+
+def _hub_kwargs(revision: str | None, cache_dir: Any, local_files_only: bool, token: Any) -> dict[str, Any]:
+    return {
+        "revision": revision,
+        "cache_dir": cache_dir,
+        "local_files_only": local_files_only,
+        "token": token,
+    }
 
 
 class _StageClock:

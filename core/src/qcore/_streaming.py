@@ -58,7 +58,9 @@ def stream_tensors(
     fast = [
         key
         for key, device in order
-        if device.type == "cuda" and reader.key_file[key].suffix == ".safetensors"
+        if device.type == "cuda"
+        and reader.key_file[key].suffix == ".safetensors"
+        and reader.info(key).offset is not None  # rows of converted keys are read by the reader
     ]
     if not fast:
         for key, _ in order:

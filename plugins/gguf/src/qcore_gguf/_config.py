@@ -18,9 +18,10 @@ class GGUFConfig(qcore.QuantizationConfig):
     The matmul runs in ``compute_dtype``.
 
     Args:
-        compute_dtype: dtype of the matmul (``"float32"`` by default, as in diffusers; ``"bfloat16"``
-            or ``"float16"``, or a ``torch.dtype``). It is also the load dtype when
-            ``torch_dtype`` is not given.
+        compute_dtype: dtype of the matmul: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a
+            ``torch.dtype``. ``None`` (the default) follows the load's ``torch_dtype`` (float32 without
+            one; diffusers' default is float32). It is also the load dtype when ``torch_dtype`` is not
+            given.
         modules_to_not_convert: module names (whole name components) whose weights are dequantized on load
             into plain layers.
 
@@ -37,9 +38,7 @@ class GGUFConfig(qcore.QuantizationConfig):
     ) -> None:
         if isinstance(compute_dtype, torch.dtype):
             compute_dtype = str(compute_dtype).removeprefix("torch.")
-        if compute_dtype is None:
-            compute_dtype = "float32"
-        if compute_dtype not in COMPUTE_DTYPES:
+        if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
             raise qcore.ConfigError(
                 f"GGUFConfig: compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
                 f"not {compute_dtype!r}",
@@ -58,8 +57,8 @@ class GGUFConfig(qcore.QuantizationConfig):
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
 
     @property
-    def torch_compute_dtype(self) -> torch.dtype:
-        return getattr(torch, self.compute_dtype)
+    def torch_compute_dtype(self) -> torch.dtype | None:
+        return getattr(torch, self.compute_dtype) if self.compute_dtype else None
 
     @classmethod
     def from_dict(cls, config_dict: Mapping[str, Any]) -> GGUFConfig:

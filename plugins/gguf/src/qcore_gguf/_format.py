@@ -75,10 +75,14 @@ class GGUFFormat(qcore.CheckpointFormat):
                         f"{int(np.prod(shape))} elements"
                     )
                 shape = orig
-            dtype = FLOAT_TYPES.get(type_name)
-            quant_type = None if dtype is not None else type_name
             self._tensors[tensor.name] = tensor
-            self._infos[tensor.name] = qcore.TensorInfo(shape, dtype, quant_type, int(tensor.n_bytes))
+            if type_name in FLOAT_TYPES:
+                info = qcore.TensorInfo(shape, FLOAT_TYPES[type_name], None, int(tensor.n_bytes))
+            else:
+                rows = shape[:-1]
+                stored_shape = (*rows, int(tensor.n_bytes) // max(1, int(np.prod(rows))))
+                info = qcore.TensorInfo(shape, torch.uint8, type_name, int(tensor.n_bytes), stored_shape)
+            self._infos[tensor.name] = info
 
     def _read_metadata(self) -> dict[str, str]:
         out = {}
@@ -108,10 +112,8 @@ class GGUFFormat(qcore.CheckpointFormat):
         if info.quant_type is None:
             array = np.asarray(data).reshape(info.shape)
             return torch.from_numpy(np.array(array[start:stop] if rows is not None else array))
-        if len(info.shape) != len(data.shape):
-            # A flattened quantized tensor: its rows are whole blocks only if the last dim is.
-            byte_shape = (*info.shape[:-1], data.shape[-1] * data.shape[0] // int(np.prod(info.shape[:-1])))
-            data = np.asarray(data).reshape(byte_shape)
+        if tuple(data.shape) != info.stored_shape:
+            data = np.asarray(data).reshape(info.stored_shape)  # a flattened tensor (orig_shape)
         blocks = np.array(data[start:stop] if rows is not None else data)  # copies only these rows
         return GGUFWeight(torch.from_numpy(blocks), info.quant_type)
 

@@ -41,7 +41,8 @@ class GGUFQuantizer(qcore.Quantizer):
         super().__init__(quantization_config, pre_quantized=pre_quantized)
         self._saved_types: dict[str, str] = {}
         self._keep_fp32: list[str] = []
-        self._load_dtype: torch.dtype = quantization_config.torch_compute_dtype
+        self._compute_dtype = quantization_config.torch_compute_dtype or torch.float32
+        self._load_dtype = self._compute_dtype
 
     # --- stage 2 -------------------------------------------------------------------------------
 
@@ -56,22 +57,41 @@ class GGUFQuantizer(qcore.Quantizer):
             )
 
     @qcore.hookimpl
-    def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype:
-        self._load_dtype = torch_dtype or self.quantization_config.torch_compute_dtype
+    def update_torch_dtype(
+        self, torch_dtype: torch.dtype | None, checkpoint_dtype: torch.dtype | None
+    ) -> torch.dtype:
+        # compute_dtype=None follows the load's dtype, so a plain .gguf load with torch_dtype just works,
+        # and a saved checkpoint reloads in the dtype it was saved in.
+        configured = self.quantization_config.torch_compute_dtype
+        self._load_dtype = torch_dtype or configured or checkpoint_dtype or torch.float32
+        self._compute_dtype = configured or self._load_dtype
         return self._load_dtype
 
     # --- stage 4 -------------------------------------------------------------------------------
 
     @qcore.hookimpl
-    def preprocess_model(self, model: nn.Module, keep_in_fp32_modules: list[str]) -> None:
+    def preprocess_model(
+        self,
+        model: nn.Module,
+        keep_in_fp32_modules: list[str],
+        checkpoint_tensors: Mapping[str, torch.Tensor],
+    ) -> None:
         self._keep_fp32 = list(keep_in_fp32_modules)
-        compute_dtype = self.quantization_config.torch_compute_dtype
+        compute_dtype = self._compute_dtype
+        # Only layers whose weight the file holds as blocks (uint8) become GGUF layers; F16/F32 weights
+        # stay plain nn.Linear, as diffusers leaves them.
+        blocks = {key for key, meta in checkpoint_tensors.items() if meta.dtype == torch.uint8}
+        plain = [
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and f"{name}.weight" not in blocks
+        ]
         converted = qcore.replace_linear_layers(
             model,
             lambda name, linear: GGUFLinear(
                 linear.in_features, linear.out_features, linear.bias is not None, compute_dtype
             ),
-            modules_to_not_convert=[*self.modules_to_not_convert, *self._keep_fp32],
+            modules_to_not_convert=[*self.modules_to_not_convert, *self._keep_fp32, *plain],
         )
         logger.debug("gguf: %d Linear layers can take GGML blocks", len(converted))
 
