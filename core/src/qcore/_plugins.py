@@ -20,10 +20,12 @@ def _new_manager() -> pluggy.PluginManager:
     return pm
 
 
-HOOK_NAMES = frozenset(
-    name for name in dir(_hookspecs) if _new_manager().parse_hookspec_opts(_hookspecs, name) is not None
-)
-_HOOK_NAMES = HOOK_NAMES  # the name qcore.testing reads
+def _hook_names() -> frozenset[str]:
+    pm = _new_manager()
+    return frozenset(name for name in dir(_hookspecs) if pm.parse_hookspec_opts(_hookspecs, name) is not None)
+
+
+HOOK_NAMES = _hook_names()
 
 
 def _describe(quant_method: str, distribution: str | None) -> str:

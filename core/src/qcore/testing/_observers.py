@@ -7,9 +7,9 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 from .._hookspecs import hookimpl
-from .._plugins import _HOOK_NAMES
+from .._plugins import HOOK_NAMES as SPEC_HOOKS
 
-HOOK_NAMES: tuple[str, ...] = tuple(sorted(_HOOK_NAMES))
+HOOK_NAMES: tuple[str, ...] = tuple(sorted(SPEC_HOOKS))
 
 #: The order in which :func:`qcore.from_pretrained` calls the hooks of a load without an automatic
 #: device map (per-parameter hooks repeat; ``check_quantized_param_shape`` only for pre-quantized
