@@ -289,3 +289,31 @@ def test_a_quantizer_set_by_hand_is_not_a_qcore_load(int8_backend: qcore.Backend
     model.hf_quantizer = Int8TestQuantizer(Int8TestConfig())
     with pytest.raises(qcore.QcoreError, match="was not loaded quantized by qcore"):
         qcore.dequantize(model)
+
+
+def test_tensors_handed_to_create_quantized_param_are_aligned(
+    int8_backend: qcore.Backend, tiny_ckpt: Path, tmp_path: Path
+) -> None:
+    saved = tmp_path / "int8"
+    quantized = TinyTransformer.from_pretrained(tiny_ckpt, quantization_config=Int8TestConfig())
+    qcore.save_pretrained(quantized, saved, max_shard_size="8KB")
+    # The files put some tensors at offsets that are not multiples of 64 (so a view would be unaligned).
+    unaligned = []
+    for shard in saved.glob("*.safetensors"):
+        raw = shard.read_bytes()
+        length = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + length])
+        header.pop("__metadata__", None)
+        unaligned += [key for key, entry in header.items() if (8 + length + entry["data_offsets"][0]) % 64]
+    assert unaligned
+
+    starts: dict[str, int] = {}
+
+    class Alignment:
+        @qcore.hookimpl(tryfirst=True)
+        def create_quantized_param(self, state_dict: dict[str, torch.Tensor]) -> None:
+            starts.update({key: tensor.data_ptr() % 64 for key, tensor in state_dict.items()})
+
+    TinyTransformer.from_pretrained(saved, observers=[Alignment()])
+    assert set(unaligned) & set(starts)
+    assert set(starts.values()) == {0}
