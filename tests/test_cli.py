@@ -60,9 +60,7 @@ def run_qcore(
     paths = [str(site)] if site else []
     full_env["PYTHONPATH"] = os.pathsep.join([*paths, str(TESTS_DIR)])
     full_env.update(env or {})
-    return subprocess.run(
-        [qcore_script(), *args], capture_output=True, text=True, env=full_env, timeout=300
-    )
+    return subprocess.run([qcore_script(), *args], capture_output=True, text=True, env=full_env, timeout=300)
 
 
 def error_line(stderr: str) -> str:
@@ -93,7 +91,13 @@ def test_backends_reports_installed_ok_and_failed_distributions(plugin_site: Pat
     table = run_qcore("backends", site=plugin_site)
     assert table.returncode == 0
     line = next(line for line in table.stdout.splitlines() if line.startswith("int8-test "))
-    assert line.split()[:5] == ["int8-test", "qcore-int8-test", "0.3.1", "helpers.int8_backend.Int8TestConfig", "ok"]
+    assert line.split()[:5] == [
+        "int8-test",
+        "qcore-int8-test",
+        "0.3.1",
+        "helpers.int8_backend.Int8TestConfig",
+        "ok",
+    ]
     line = next(line for line in table.stdout.splitlines() if line.startswith("broken-test "))
     assert "failed: " in line and "libbroken.so not found" in line
 
@@ -116,7 +120,9 @@ def test_backends_honours_allow_list_and_autoload_switch(plugin_site: Path) -> N
     assert "No quantization backend is installed" in empty.stdout
 
 
-def test_backends_lists_in_process_registration(int8_backend: qcore.Backend, capsys: pytest.CaptureFixture[str]) -> None:
+def test_backends_lists_in_process_registration(
+    int8_backend: qcore.Backend, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["backends", "--json"]) == 0
     rows = {row["quant_method"]: row for row in json.loads(capsys.readouterr().out)}
     assert rows["int8-test"]["distribution"] is None
@@ -131,16 +137,28 @@ def test_quantize_inspect_and_load_through_console_script(
 ) -> None:
     dst = tmp_path / "tiny-int8"
     result = run_qcore(
-        "quantize", str(tiny_ckpt), str(dst), "--method", "int8-test",
-        "--model", "helpers.models:TinyTransformer", "--set", "compute_dtype=bfloat16",
-        "--set", 'modules_to_not_convert=["proj_out"]', "--max-shard-size", "20KB",
+        "quantize",
+        str(tiny_ckpt),
+        str(dst),
+        "--method",
+        "int8-test",
+        "--model",
+        "helpers.models:TinyTransformer",
+        "--set",
+        "compute_dtype=bfloat16",
+        "--set",
+        'modules_to_not_convert=["proj_out"]',
+        "--max-shard-size",
+        "20KB",
         site=plugin_site,
     )
     assert result.returncode == 0, result.stderr
     assert f"saved {dst}" in result.stdout
     written = json.loads((dst / "config.json").read_text())
     assert written["quantization_config"] == {
-        "quant_method": "int8-test", "compute_dtype": "bfloat16", "modules_to_not_convert": ["proj_out"]
+        "quant_method": "int8-test",
+        "compute_dtype": "bfloat16",
+        "modules_to_not_convert": ["proj_out"],
     }
     shards = sorted(dst.glob("*.safetensors"))
     assert len(shards) > 1 and (dst / "diffusion_pytorch_model.safetensors.index.json").is_file()
@@ -171,7 +189,9 @@ def test_quantize_inspect_and_load_through_console_script(
 
     text = run_qcore("inspect", str(dst), site=plugin_site)
     assert text.returncode == 0
-    assert "quantization  int8-test" in text.stdout and "backend       ok: qcore-int8-test 0.3.1" in text.stdout
+    assert (
+        "quantization  int8-test" in text.stdout and "backend       ok: qcore-int8-test 0.3.1" in text.stdout
+    )
 
     # The written checkpoint loads pre-quantized and matches a quantize-on-load in this process.
     qcore.register_backend(BACKEND)
@@ -187,19 +207,35 @@ def test_quantize_inspect_and_load_through_console_script(
     assert torch.equal(reloaded(tiny_input), on_load(tiny_input))
 
 
-def test_inspect_without_backend_fails_with_install_hint(plugin_site: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
+def test_inspect_without_backend_fails_with_install_hint(
+    plugin_site: Path, tiny_ckpt: Path, tmp_path: Path
+) -> None:
     dst = tmp_path / "q"
     qcore.register_backend(BACKEND)
     try:
-        assert main(["quantize", str(tiny_ckpt), str(dst), "--method", "int8-test", "--model",
-                     "helpers.models:TinyTransformer"]) == 0
+        assert (
+            main(
+                [
+                    "quantize",
+                    str(tiny_ckpt),
+                    str(dst),
+                    "--method",
+                    "int8-test",
+                    "--model",
+                    "helpers.models:TinyTransformer",
+                ]
+            )
+            == 0
+        )
     finally:
         qcore.unregister_backend("int8-test")
     result = run_qcore("inspect", str(dst))  # no site: the backend is not installed
     assert result.returncode == 1
     assert "NOT LOADABLE" in result.stdout and "install: pip install qcore-int8-test" in result.stdout
     line = error_line(result.stderr)
-    assert str(dst) in line and "'int8-test' is not installed" in line and "pip install qcore-int8-test" in line
+    assert (
+        str(dst) in line and "'int8-test' is not installed" in line and "pip install qcore-int8-test" in line
+    )
     assert "Traceback" not in result.stderr
 
     as_json = run_qcore("inspect", str(dst), "--json")
@@ -219,7 +255,9 @@ def test_inspect_hub_id_from_the_local_cache(plugin_site: Path, tiny_ckpt: Path,
     (cache / "models--acme--tiny-pipe" / "refs").mkdir()
     (cache / "models--acme--tiny-pipe" / "refs" / "main").write_text("a" * 40)
     env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    result = run_qcore("inspect", "acme/tiny-pipe", "--subfolder", "transformer", "--json", site=plugin_site, env=env)
+    result = run_qcore(
+        "inspect", "acme/tiny-pipe", "--subfolder", "transformer", "--json", site=plugin_site, env=env
+    )
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["quant_method"] is None and info["load"]["loadable"]
@@ -249,7 +287,9 @@ def test_help_explains_every_option() -> None:
 # --- quantize: diffusers class detection --------------------------------------------------------
 
 
-def test_quantize_detects_diffusers_class(int8_backend: qcore.Backend, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_quantize_detects_diffusers_class(
+    int8_backend: qcore.Backend, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
@@ -281,15 +321,43 @@ def _strip_class_name(ckpt: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "code", "needles"),
     [
-        (["quantize", "{src}", "{dst}", "--method", "int8-test", "--set", "compute_dtype"], 2, ["--set 'compute_dtype'", "KEY=VALUE"]),
-        (["quantize", "{src}", "{dst}", "--method", "int8-test", "--torch-dtype", "bf16"], 2, ["--torch-dtype 'bf16'"]),
-        (["quantize", "{src}", "{dst}", "--method", "int8-test", "--model", "helpers.models"], 2, ["MODULE:CLASS"]),
+        (
+            ["quantize", "{src}", "{dst}", "--method", "int8-test", "--set", "compute_dtype"],
+            2,
+            ["--set 'compute_dtype'", "KEY=VALUE"],
+        ),
+        (
+            ["quantize", "{src}", "{dst}", "--method", "int8-test", "--torch-dtype", "bf16"],
+            2,
+            ["--torch-dtype 'bf16'"],
+        ),
+        (
+            ["quantize", "{src}", "{dst}", "--method", "int8-test", "--model", "helpers.models"],
+            2,
+            ["MODULE:CLASS"],
+        ),
         (["quantize", "{src}", "{dst}"], 2, []),
         (["frobnicate"], 2, []),
-        (["quantize", "{src}", "{dst}", "--method", "nope"], 1, ["'nope' is not installed", "pip install qcore-nope"]),
-        (["quantize", "{src}", "{dst}", "--method", "int8-test", "--set", "compute_dtype=int4"], 1, ["compute_dtype", "int4"]),
-        (["quantize", "{src}", "{dst}", "--method", "int8-test", "--set", "group_size=64"], 1, ["group_size", "Int8TestConfig"]),
-        (["quantize", "{src}", "{dst}", "--method", "int8-test", "--model", "no_such_pkg:Net"], 1, ["no_such_pkg"]),
+        (
+            ["quantize", "{src}", "{dst}", "--method", "nope"],
+            1,
+            ["'nope' is not installed", "pip install qcore-nope"],
+        ),
+        (
+            ["quantize", "{src}", "{dst}", "--method", "int8-test", "--set", "compute_dtype=int4"],
+            1,
+            ["compute_dtype", "int4"],
+        ),
+        (
+            ["quantize", "{src}", "{dst}", "--method", "int8-test", "--set", "group_size=64"],
+            1,
+            ["group_size", "Int8TestConfig"],
+        ),
+        (
+            ["quantize", "{src}", "{dst}", "--method", "int8-test", "--model", "no_such_pkg:Net"],
+            1,
+            ["no_such_pkg"],
+        ),
         (["quantize", "{src}", "{dst}", "--method", "int8-test"], 1, ["'TinyTransformer'", "--model"]),
         (["quantize", "{tmp}/absent", "{dst}", "--method", "int8-test"], 1, ["absent"]),
         (["inspect", "{tmp}/absent"], 1, ["absent"]),
@@ -334,7 +402,10 @@ def test_quantize_refuses_existing_output_and_quantized_source(
     assert main(["quantize", str(dst), str(tmp_path / "again"), *base]) == 1
     assert "already quantized (quant_method 'int8-test')" in error_line(capsys.readouterr().err)
 
-    assert main(["quantize", str(tiny_ckpt), str(dst), *base, "--set", "compute_dtype=float32", "--overwrite"]) == 0
+    assert (
+        main(["quantize", str(tiny_ckpt), str(dst), *base, "--set", "compute_dtype=float32", "--overwrite"])
+        == 0
+    )
     assert json.loads((dst / "config.json").read_text())["quantization_config"]["compute_dtype"] == "float32"
     assert (dst / "README.md").read_text() == "kept"
 
@@ -377,7 +448,15 @@ def boom_backend() -> Iterator[None]:
 def test_unexpected_backend_error_exits_3_and_debug_shows_traceback(
     boom_backend: None, tiny_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["quantize", str(tiny_ckpt), str(tmp_path / "q"), "--method", "int8-boom", "--model", "helpers.models:TinyTransformer"]
+    argv = [
+        "quantize",
+        str(tiny_ckpt),
+        str(tmp_path / "q"),
+        "--method",
+        "int8-boom",
+        "--model",
+        "helpers.models:TinyTransformer",
+    ]
     assert main(argv) == 3
     err = capsys.readouterr().err
     assert "unexpected RuntimeError: boom in postprocess_model (rerun with --debug" in error_line(err)
@@ -392,5 +471,57 @@ def test_set_values_are_json_or_strings() -> None:
     from qcore.cli import parse_settings
 
     assert parse_settings(["a=1", "b=true", "c=bfloat16", 'd=["x", "y"]', "e=", "f=a=b", "g=null"]) == {
-        "a": 1, "b": True, "c": "bfloat16", "d": ["x", "y"], "e": "", "f": "a=b", "g": None
+        "a": 1,
+        "b": True,
+        "c": "bfloat16",
+        "d": ["x", "y"],
+        "e": "",
+        "f": "a=b",
+        "g": None,
     }
+
+
+def test_file_system_errors_exit_1_naming_the_path(
+    int8_backend: qcore.Backend, tiny_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a directory should be")
+    argv = ["quantize", str(tiny_ckpt), str(blocker / "out"), "--method", "int8-test"]
+    assert main([*argv, "--model", "helpers.models:TinyTransformer"]) == 1
+    assert "blocker" in error_line(capsys.readouterr().err)
+
+
+class _DiskFullQuantizer(Int8TestQuantizer):
+    @qcore.hookimpl
+    def postprocess_model(self, model: torch.nn.Module) -> None:
+        # A full disk cannot be caused for real in a test: raise what the OS would.
+        raise OSError(28, "No space left on device", "/var/cache/qcore-scratch")
+
+
+class _DiskFullConfig(Int8TestConfig):
+    quant_method = "int8-diskfull"
+
+
+def test_os_errors_are_environment_errors_not_bugs(
+    tiny_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    qcore.register_backend(qcore.Backend("int8-diskfull", _DiskFullConfig, _DiskFullQuantizer))
+    try:
+        argv = ["quantize", str(tiny_ckpt), str(tmp_path / "q"), "--method", "int8-diskfull"]
+        assert main([*argv, "--model", "helpers.models:TinyTransformer"]) == 1
+    finally:
+        qcore.unregister_backend("int8-diskfull")
+    line = error_line(capsys.readouterr().err)
+    assert "/var/cache/qcore-scratch: No space left on device" in line
+
+
+def test_checkpoint_strings_are_printed_escaped(tiny_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = json.loads((tiny_ckpt / "config.json").read_text())
+    config["_class_name"] = "Tiny\x1b[2J\x1b[31mTransformer"
+    config["quantization_config"] = {"quant_method": "evil\x1b]0;pwned\x07", "note\x1b[1m": "\u202eabc"}
+    (tiny_ckpt / "config.json").write_text(json.dumps(config))
+    assert main(["inspect", str(tiny_ckpt)]) == 1
+    out, err = capsys.readouterr()
+    assert not [ch for ch in out + err if not ch.isprintable() and ch != "\n"]
+    assert "Tiny\\x1b[2J\\x1b[31mTransformer" in out and "evil\\x1b]0;pwned\\x07" in out
+    assert "pip install" not in out + err  # not a distribution name: no command to run

@@ -33,8 +33,10 @@ def edit_weights(path: Path, edit) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_unknown_quant_method_says_what_to_install(tiny_ckpt: Path) -> None:
-    with pytest.raises(qcore.BackendNotFoundError, match=r"'gguf' is not installed: pip install qcore-gguf"):
-        TinyTransformer.from_pretrained(tiny_ckpt, quantization_config={"quant_method": "gguf"})
+    with pytest.raises(
+        qcore.BackendNotFoundError, match=r"'svdquant' is not installed: pip install qcore-svdquant"
+    ):
+        TinyTransformer.from_pretrained(tiny_ckpt, quantization_config={"quant_method": "svdquant"})
 
 
 def test_checkpoint_with_unknown_quant_method_never_loads_unquantized(tiny_ckpt: Path) -> None:
@@ -45,7 +47,9 @@ def test_checkpoint_with_unknown_quant_method_never_loads_unquantized(tiny_ckpt:
         TinyTransformer.from_pretrained(tiny_ckpt)
 
 
-def test_known_backends_get_their_distribution_as_hint(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_known_backends_get_their_distribution_as_hint(
+    tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("QCORE_DISABLE_PLUGIN_AUTOLOAD", "1")
     with pytest.raises(qcore.BackendNotFoundError, match="pip install qcore-torchao"):
         qcore.get_backend("torchao")
@@ -65,8 +69,12 @@ def test_config_of_the_wrong_type(tiny_ckpt: Path) -> None:
 
 
 def test_invalid_config_option_lists_choices(int8_backend: qcore.Backend, tiny_ckpt: Path) -> None:
-    with pytest.raises(qcore.ConfigError, match="compute_dtype must be one of bfloat16, float16, float32") as info:
-        TinyTransformer.from_pretrained(tiny_ckpt, quantization_config={"quant_method": "int8-test", "compute_dtype": "int4"})
+    with pytest.raises(
+        qcore.ConfigError, match="compute_dtype must be one of bfloat16, float16, float32"
+    ) as info:
+        TinyTransformer.from_pretrained(
+            tiny_ckpt, quantization_config={"quant_method": "int8-test", "compute_dtype": "int4"}
+        )
     assert info.value.option == "compute_dtype"
 
 
@@ -87,7 +95,9 @@ def test_user_config_for_another_method_than_the_checkpoint(
     qcore.register_backend(qcore.Backend("int8-other", OtherConfig, OtherQuantizer))
     try:
         saved = quantized_checkpoint(tiny_ckpt, tmp_path / "q")
-        with pytest.raises(qcore.ConfigMismatchError, match="'int8-test' but quantization_config asks for 'int8-other'"):
+        with pytest.raises(
+            qcore.ConfigMismatchError, match="'int8-test' but quantization_config asks for 'int8-other'"
+        ):
             TinyTransformer.from_pretrained(saved, quantization_config=OtherConfig())
     finally:
         qcore.unregister_backend("int8-other")
@@ -95,7 +105,9 @@ def test_user_config_for_another_method_than_the_checkpoint(
 
 def test_low_cpu_mem_usage_false_with_quantization(int8_backend: qcore.Backend, tiny_ckpt: Path) -> None:
     with pytest.raises(qcore.ConfigError, match="low_cpu_mem_usage"):
-        TinyTransformer.from_pretrained(tiny_ckpt, quantization_config=Int8TestConfig(), low_cpu_mem_usage=False)
+        TinyTransformer.from_pretrained(
+            tiny_ckpt, quantization_config=Int8TestConfig(), low_cpu_mem_usage=False
+        )
 
 
 def test_torch_dtype_given_as_string(tiny_ckpt: Path) -> None:
@@ -147,7 +159,9 @@ def test_hookimpl_for_a_hook_that_does_not_exist() -> None:
         def preprocess_modle(self, model):  # type: ignore[no-untyped-def]
             pass
 
-    with pytest.raises(qcore.BackendValidationError, match=r"backend 'bad-name'.*unknown hook.*preprocess_modle"):
+    with pytest.raises(
+        qcore.BackendValidationError, match=r"backend 'bad-name'.*unknown hook.*preprocess_modle"
+    ):
         qcore.register_backend(_backend("bad-name", Bad))
 
 
@@ -156,7 +170,9 @@ def test_hook_method_without_marker() -> None:
         def postprocess_model(self, model):  # type: ignore[no-untyped-def]
             pass
 
-    with pytest.raises(qcore.BackendValidationError, match=r"'postprocess_model'.*not marked @qcore.hookimpl"):
+    with pytest.raises(
+        qcore.BackendValidationError, match=r"'postprocess_model'.*not marked @qcore.hookimpl"
+    ):
         qcore.register_backend(_backend("bad-mark", Bad))
 
 
@@ -171,7 +187,9 @@ def test_claims_parameters_without_creating_them() -> None:
 
 
 def test_second_registration_of_a_taken_quant_method(int8_backend: qcore.Backend) -> None:
-    with pytest.raises(qcore.DuplicateBackendError, match=r"'int8-test'.*helpers.int8_backend.*helpers.int8_backend"):
+    with pytest.raises(
+        qcore.DuplicateBackendError, match=r"'int8-test'.*helpers.int8_backend.*helpers.int8_backend"
+    ):
         qcore.register_backend(int8_backend)
 
 
@@ -201,7 +219,9 @@ def test_missing_config_json(tiny_ckpt: Path) -> None:
 
 def test_no_weight_files(tiny_ckpt: Path) -> None:
     (tiny_ckpt / WEIGHTS).unlink()
-    with pytest.raises(qcore.CheckpointNotFoundError, match=r"no weights in .*diffusion_pytorch_model.safetensors"):
+    with pytest.raises(
+        qcore.CheckpointNotFoundError, match=r"no weights in .*diffusion_pytorch_model.safetensors"
+    ):
         TinyTransformer.from_pretrained(tiny_ckpt)
 
 
@@ -258,7 +278,9 @@ def test_unexpected_key(tiny_ckpt: Path) -> None:
 
 def test_shape_mismatch_names_key_and_file(tiny_ckpt: Path) -> None:
     edit_weights(tiny_ckpt, lambda t: t.update({"proj_in.weight": torch.zeros(64, 32, dtype=torch.bfloat16)}))
-    with pytest.raises(qcore.ShapeMismatchError, match=rf"'proj_in.weight' in {WEIGHTS}.*\(64, 32\).*\(64, 64\)"):
+    with pytest.raises(
+        qcore.ShapeMismatchError, match=rf"'proj_in.weight' in {WEIGHTS}.*\(64, 32\).*\(64, 64\)"
+    ):
         TinyTransformer.from_pretrained(tiny_ckpt)
 
 
@@ -280,7 +302,10 @@ def test_bin_file_with_a_pickled_object(tiny_ckpt: Path) -> None:
     (tiny_ckpt / WEIGHTS).unlink()
     with open(tiny_ckpt / "diffusion_pytorch_model.bin", "wb") as f:
         pickle.dump({"proj_in.weight": __import__("collections").OrderedDict}, f)
-    with pytest.raises(qcore.CorruptCheckpointError, match=r"diffusion_pytorch_model.bin: cannot be read with torch.load\(weights_only=True\)"):
+    with pytest.raises(
+        qcore.CorruptCheckpointError,
+        match=r"diffusion_pytorch_model.bin: cannot be read with torch.load\(weights_only=True\)",
+    ):
         TinyTransformer.from_pretrained(tiny_ckpt)
 
 
@@ -328,7 +353,9 @@ def test_failure_while_writing_leaves_no_half_written_directory(tiny_ckpt: Path,
     try:
         model = TinyTransformer.from_pretrained(tiny_ckpt, quantization_config=BrokenConfig())
         before = {p.name: p.read_bytes() for p in tiny_ckpt.iterdir()}
-        with pytest.raises(qcore.SerializationError, match=r"writing diffusion_pytorch_model-\d+-of-\d+.safetensors failed"):
+        with pytest.raises(
+            qcore.SerializationError, match=r"writing diffusion_pytorch_model-\d+-of-\d+.safetensors failed"
+        ):
             qcore.save_pretrained(model, tiny_ckpt, max_shard_size="8KB")
         assert {p.name: p.read_bytes() for p in tiny_ckpt.iterdir()} == before
         with pytest.raises(qcore.SerializationError):

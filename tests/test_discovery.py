@@ -27,10 +27,12 @@ def _installed(name: str) -> bool:
 def test_import_qcore_imports_no_backend_nor_testing_kit() -> None:
     code = (
         "import json, sys, qcore; "
-        "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('qcore_', 'qcore.testing', 'pytest', "
-        "'bitsandbytes', 'torchao', 'diffusers')))))"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith(("
+        "'qcore_', 'qcore.testing', 'pytest', 'bitsandbytes', 'torchao', 'diffusers')))))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=envs.clean_environ())
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=envs.clean_environ()
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
 
@@ -43,7 +45,9 @@ def test_import_qcore_imports_no_backend_nor_testing_kit() -> None:
         ("qcore-torchao", "torchao", "TorchAoConfig"),
     ],
 )
-def test_installed_backends_are_discovered(distribution_name: str, quant_method: str, config_class: str) -> None:
+def test_installed_backends_are_discovered(
+    distribution_name: str, quant_method: str, config_class: str
+) -> None:
     if not _installed(distribution_name):
         pytest.skip(f"{distribution_name} is not installed in this environment")
     infos = {(i.quant_method, i.distribution): i for i in qcore.available_backends()}
@@ -101,7 +105,8 @@ def test_same_distribution_seen_twice_is_not_a_duplicate(example_env: envs.Fresh
         """
         import json, qcore
         b = qcore.get_backend("int8")
-        print(json.dumps([b.distribution, [i.distribution for i in qcore.available_backends() if i.quant_method == "int8"]]))
+        infos = qcore.available_backends()
+        print(json.dumps([b.distribution, [i.distribution for i in infos if i.quant_method == "int8"]]))
         """,
         PYTHONPATH=str(example_env.site_packages),
     )
@@ -123,9 +128,13 @@ def test_in_process_registration_cannot_shadow_installed_backend(example_env: en
     assert any("in-process registration" in p for p in out["providers"])
 
 
-def test_in_process_registration_round_trip(int8_backend: qcore.Backend, tiny_ckpt: Path, tiny_input: torch.Tensor) -> None:
+def test_in_process_registration_round_trip(
+    int8_backend: qcore.Backend, tiny_ckpt: Path, tiny_input: torch.Tensor
+) -> None:
     """register_backend -> load by quant_method; the name cannot be registered twice."""
-    model = qcore.from_pretrained(TinyTransformer, tiny_ckpt, quantization_config={"quant_method": "int8-test"})
+    model = qcore.from_pretrained(
+        TinyTransformer, tiny_ckpt, quantization_config={"quant_method": "int8-test"}
+    )
     assert model.hf_quantizer.quant_method == "int8-test"
     assert any(i.quant_method == "int8-test" and i.distribution is None for i in qcore.available_backends())
     with pytest.raises(qcore.DuplicateBackendError, match="int8-test"):
