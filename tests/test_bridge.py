@@ -161,24 +161,41 @@ def test_diffusion_pipeline_with_pipeline_quantization_config(bridge: Any, tmp_p
     assert torch.equal(run_pipeline(again), latents)
 
 
-def test_torchao_serves_diffusers_only_with_override(flux_dir: Path) -> None:
+def _override_configs() -> dict[str, Any]:
+    from qcore_bnb import BitsAndBytesConfig
     from qcore_torchao import TorchAoConfig
 
-    qcore.enable_bridge(override=["torchao"])
+    return {
+        "torchao": TorchAoConfig("int8wo"),
+        "nf4": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        ),
+        "llm_int8": BitsAndBytesConfig(load_in_8bit=True),
+    }
+
+
+@pytest.mark.parametrize("name", ["torchao", "nf4", "llm_int8"])
+def test_override_serves_diffusers_with_qcore_backend(name: str, flux_dir: Path, tmp_path: Path) -> None:
+    """With override, qcore-torchao / qcore-bnb serve diffusers: quantize on load, and a sharded qcore
+    checkpoint whose statistics sit in other shards than their weights (diffusers' own loaders refuse it)."""
+    config = _override_configs()[name]
+    reference = qcore.from_pretrained(
+        FluxTransformer2DModel, flux_dir, quantization_config=config, torch_dtype=torch.bfloat16
+    )
+    qcore.save_pretrained(reference, tmp_path / name, max_shard_size=30_000)
+    expected = _flux_out(reference)
+    qcore.enable_bridge(override=[config.quant_method])
     try:
         model = FluxTransformer2DModel.from_pretrained(
-            flux_dir, quantization_config=TorchAoConfig("int8wo"), torch_dtype=torch.bfloat16
+            flux_dir, quantization_config=config, torch_dtype=torch.bfloat16
         )
         assert type(model.hf_quantizer).__module__ == "qcore._bridge"
+        assert torch.equal(_flux_out(model), expected)
+        again = FluxTransformer2DModel.from_pretrained(tmp_path / name, torch_dtype=torch.bfloat16)
+        assert again.hf_quantizer.pre_quantized
+        assert torch.equal(_flux_out(again), expected)
     finally:
         qcore.disable_bridge()
-    reference = qcore.from_pretrained(
-        FluxTransformer2DModel,
-        flux_dir,
-        quantization_config=TorchAoConfig("int8wo"),
-        torch_dtype=torch.bfloat16,
-    )
-    assert torch.equal(_flux_out(model), _flux_out(reference))
 
 
 # --- transformers ---------------------------------------------------------------------------------
@@ -284,3 +301,26 @@ def test_qcore_loads_with_foreign_bitsandbytes_config(library: str, flux_dir: Pa
     )
     assert model.hf_quantizer.quantization_config == BitsAndBytesConfig(**options)
     assert torch.isfinite(_flux_out(model)).all()
+
+
+def test_transformers_torchao_with_override(llama_dir: Path, tmp_path: Path) -> None:
+    """qcore-torchao serves transformers with override, and its sharded checkpoint (``weight:qdata`` parts,
+    not model keys) loads back exactly, with no missing or unexpected keys reported."""
+    from transformers import LlamaForCausalLM
+
+    from qcore_torchao import TorchAoConfig
+
+    state = qcore.enable_bridge(override=True, libraries=["transformers"])
+    try:
+        assert "bitsandbytes" in state.kept_native["transformers"]  # transformers insists on its own config
+        model = LlamaForCausalLM.from_pretrained(
+            llama_dir, quantization_config=TorchAoConfig("int8wo"), dtype=torch.bfloat16
+        )
+        assert type(model.model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
+        model.save_pretrained(tmp_path / "llama-int8wo", max_shard_size="40KB")
+        assert len(list((tmp_path / "llama-int8wo").glob("*.safetensors"))) > 1
+        again, info = LlamaForCausalLM.from_pretrained(tmp_path / "llama-int8wo", output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        assert torch.equal(_logits(again), _logits(model))
+    finally:
+        qcore.disable_bridge()

@@ -11,8 +11,10 @@ diffusers and transformers are imported only here, and only when the bridge is e
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -24,6 +26,7 @@ from ._config import QuantizationConfig
 from ._errors import (
     ConfigError,
     CorruptCheckpointError,
+    MissingKeysError,
     QcoreError,
     QuantizerEnvironmentError,
     UnexpectedKeysError,
@@ -45,6 +48,11 @@ _LIBRARY_KEYS: dict[str, tuple[str, ...]] = {"bitsandbytes": ("bitsandbytes_4bit
 
 # Fields transformers' config objects write that qcore backends do not have, with the value that
 # means "nothing to do"; any other value is a request qcore cannot honour, so it is an error.
+# (library, quant_method) pairs a library will not hand to another config class, with the reason.
+_UNSERVABLE: dict[tuple[str, str], str] = {
+    ("transformers", "bitsandbytes"): "transformers accepts only its own BitsAndBytesConfig for it",
+}
+
 _KNOWN_EXTRAS: dict[str, Any] = {"include_input_output_embeddings": False, "untie_embedding_weights": False}
 
 
@@ -236,6 +244,12 @@ def _register(
         method = backend.quant_method
         keys = _LIBRARY_KEYS.get(method, (method,))
         native = any(key in quantizers or key in configs for key in keys)
+        reason = _UNSERVABLE.get((library, method))
+        if reason is not None:
+            if override is True or (not isinstance(override, bool) and method in override):
+                logger.warning("bridge: %s keeps its own %r backend: %s", library, method, reason)
+            kept.append(method)
+            continue
         if native and not (override is True or (not isinstance(override, bool) and method in override)):
             kept.append(method)
             continue
@@ -425,6 +439,7 @@ def diffusers_adapter_base() -> type:
             self._groups: dict[str, list[str]] = {}
             self._member: dict[str, str] = {}
             self._done: set[str] = set()
+            self._claimed: set[str] = set()
             self._metadata: dict[str, str] = {}
             self._key_file: dict[str, str] = {}
 
@@ -508,16 +523,16 @@ def diffusers_adapter_base() -> type:
         def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
             model = self.qcore_model
             assert model is not None, "diffusers loads weights after preprocess_model"
-            consumed: set[str] = set()
             pending = {self._member.get(key, key) for key in state_dict} - self._done
             for name in sorted(pending):
                 keys = self._groups.get(name, [name])
                 tensors = {key: self._tensor(key, state_dict) for key in keys}
                 device = _device_of(name, self.qcore_device_map)
                 if self._quantize_group(model, name, tensors, device, self._metadata):
-                    consumed.update(keys)
+                    self._claimed.update(keys)
                 self._done.add(name)
-            return {key: value for key, value in state_dict.items() if key not in consumed}
+            # A created group's tensors in any shard (this one or a later one) are already used.
+            return {key: value for key, value in state_dict.items() if key not in self._claimed}
 
         def _tensor(self, key: str, state_dict: Mapping[str, Any]) -> torch.Tensor:
             if key in state_dict:
@@ -527,8 +542,6 @@ def diffusers_adapter_base() -> type:
 
             path = self._key_file.get(key)
             if path is None:
-                from ._errors import MissingKeysError
-
                 raise MissingKeysError([key], "the checkpoint")
             with safe_open(path, framework="pt") as handle:
                 return handle.get_tensor(key)
@@ -639,6 +652,7 @@ def transformers_adapter_base() -> type:
             HfQuantizer.__init__(self, quantization_config, **kwargs)
             config = self._start(quantization_config, self.pre_quantized)
             self.quantization_config = config
+            self._claimed: dict[str, list[str]] = {}
             self.requires_calibration = self.qcore.requires_calibration
 
         def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -673,10 +687,42 @@ def transformers_adapter_base() -> type:
                 device_map=kwargs.get("device_map"),
                 keep_in_fp32_modules=keep,
             )
+            if self.pre_quantized:
+                self._plan_prequantized(model, list(kwargs.get("checkpoint_files") or []))
+
+        def _plan_prequantized(self, model: torch.nn.Module, files: list[Any]) -> None:
+            """Find the groups the backend creates; they are created from the files after transformers'
+            own load (which sees only plain state-dict keys), and its report does not list their keys."""
+            self._metadata, self._key_file = _safetensors_metadata(files)
+            if not self._key_file:
+                raise ConfigError(
+                    f"a pre-quantized {self.qcore.quant_method!r} checkpoint loads through transformers only "
+                    "from safetensors files; load it with qcore.from_pretrained",
+                    option="quantization_config",
+                )
+            groups = self.hooks.group_checkpoint_keys(
+                quantizer=self.qcore,
+                model=model,
+                checkpoint_keys=list(self._key_file),
+                metadata=self._metadata,
+            )
+            self._claimed = {
+                name: list(keys)
+                for name, keys in groups.items()
+                if self.hooks.check_if_quantized_param(
+                    quantizer=self.qcore, model=model, param_name=name, param_value=None, state_dict={}
+                )
+            }
+            members = sorted({key for keys in self._claimed.values() for key in keys} | set(self._claimed))
+            if members:
+                pattern = "^(?:" + "|".join(re.escape(key) for key in members) + ")$"
+                for attribute in ("_keys_to_ignore_on_load_unexpected", "_keys_to_ignore_on_load_missing"):
+                    setattr(model, attribute, {*(getattr(model, attribute, None) or ()), pattern})
 
         def param_needs_quantization(self, model: torch.nn.Module, param_name: str, **kwargs: Any) -> bool:
             if self.pre_quantized:
-                return False
+                # Claimed parameters may be stored packed (another shape); they are created afterwards.
+                return param_name in getattr(self, "_claimed", {})
             return bool(
                 self.hooks.check_if_quantized_param(
                     quantizer=self.qcore, model=model, param_name=param_name, param_value=None, state_dict={}
@@ -689,9 +735,34 @@ def transformers_adapter_base() -> type:
         def _process_model_after_weight_loading(
             self, model: torch.nn.Module, **kwargs: Any
         ) -> torch.nn.Module:
+            if self._claimed:
+                self._create_prequantized(model)
             self.hooks.postprocess_model(quantizer=self.qcore, model=model)
             self.qcore.pre_quantization_dtype = self.qcore_torch_dtype
             return model
+
+        def _create_prequantized(self, model: torch.nn.Module) -> None:
+            from safetensors import safe_open
+
+            current = model.state_dict(keep_vars=True)
+            with contextlib.ExitStack() as stack:
+                handles: dict[str, Any] = {}
+                for name, keys in self._claimed.items():
+                    tensors = {}
+                    for key in keys:
+                        path = self._key_file.get(key)
+                        if path is None:
+                            raise MissingKeysError([key], "the checkpoint")
+                        if path not in handles:
+                            handles[path] = stack.enter_context(safe_open(path, framework="pt"))
+                        tensors[key] = handles[path].get_tensor(key)
+                    here = current.get(name)
+                    device = (
+                        here.device
+                        if here is not None and here.device.type != "meta"
+                        else torch.device("cpu")
+                    )
+                    self._quantize_group(model, name, tensors, device, self._metadata)
 
         def _dequantize(self, model: torch.nn.Module, dtype: Any = None) -> torch.nn.Module:
             return self.hooks.dequantize(quantizer=self.qcore, model=model)
