@@ -10,14 +10,15 @@ import torch
 from ._errors import ConfigError
 
 # diffusers' from_pretrained keywords that qcore does not implement: {name: (accepted values, advice)}.
-UNSUPPORTED_OPTIONS: dict[str, tuple[tuple[Any, ...], str]] = {
+DIFFUSERS_ONLY_OPTIONS: dict[str, tuple[tuple[Any, ...], str]] = {
     "force_download": (
         (False,),
         "delete the files from the Hugging Face cache (`hf cache delete`) and load again",
     ),
     "proxies": ((None,), "set HTTPS_PROXY / HTTP_PROXY in the environment; huggingface_hub reads them"),
     "offload_folder": ((None,), "qcore does not offload to disk: map modules that do not fit to 'cpu'"),
-    "offload_state_dict": ((None, False, True), ""),  # qcore never holds a state dict: always satisfied
+    # qcore never holds a state dict, so what offload_state_dict=True asks for always holds.
+    "offload_state_dict": ((None, False, True), "pass True, False or None"),
     "disable_mmap": (
         (False,),
         "qcore reads CPU tensors through safetensors' memory map, CUDA ones with preadv",
@@ -47,12 +48,12 @@ def one_dtype(torch_dtype: torch.dtype | None, dtype: torch.dtype | None) -> tor
 def check_diffusers_options(options: Mapping[str, Any]) -> None:
     """Accept diffusers' keywords qcore has no use for at their defaults; name every other one."""
     for name, value in options.items():
-        if name not in UNSUPPORTED_OPTIONS:
+        if name not in DIFFUSERS_ONLY_OPTIONS:
             raise ConfigError(
                 f"from_pretrained() got an unknown keyword argument {name!r}. diffusers would pass it on "
                 "to the model's config; qcore does not: edit config.json instead, or fix the name.",
                 option=name,
             )
-        accepted, advice = UNSUPPORTED_OPTIONS[name]
+        accepted, advice = DIFFUSERS_ONLY_OPTIONS[name]
         if not any(value is ok or (type(value) is type(ok) and value == ok) for ok in accepted):
             raise ConfigError(f"{name}={value!r} is not supported by qcore: {advice}", option=name)
