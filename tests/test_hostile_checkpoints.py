@@ -149,24 +149,10 @@ def test_inspect(
         assert code in (0, 1), err
 
 
-# Quantizing on load hands the backend the checkpoint's float tensor as it is; a well-formed tensor of
-# another shape with the same elements reaches it unchecked (only pre-quantized loads ask the backend
-# to check shapes), and the int8 test backend quantizes it without complaint.
-SHAPE_UNCHECKED_ON_LOAD = {"shape-extra-dim", "shape-transposed-rank"}
-QUANTIZE_CASES = [
-    pytest.param(
-        c,
-        id=c.id,
-        marks=[pytest.mark.xfail(strict=True, reason="shape unchecked when quantizing on load")]
-        if c.id in SHAPE_UNCHECKED_ON_LOAD
-        else [],
-    )
-    for c in CASES
-    if c.area != "quantization_config"
-]
+QUANTIZE_CASES = [c for c in CASES if c.area != "quantization_config"]
 
 
-@pytest.mark.parametrize("case", QUANTIZE_CASES)
+@pytest.mark.parametrize("case", QUANTIZE_CASES, ids=[c.id for c in QUANTIZE_CASES])
 def test_quantize(
     case: Case,
     bases: dict[bool, Path],

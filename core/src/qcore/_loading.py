@@ -488,8 +488,13 @@ def create_quantized(
     value = tensors.get(param_name)
     if quant.pre_quantized and value is not None:
         check_quantized_shape(load, param_name, value)
-    elif value is not None:  # quantizing on load: the checkpoint holds float weights
+    elif value is not None:  # quantizing on load: float weights of the parameter's shape, as diffusers checks
         check_value_dtype(param_name, value, torch.float32, str(reader.key_file[param_name]))
+        if value.shape != load.expected[param_name].shape:
+            raise ShapeMismatchError(
+                f"{param_name!r} in {reader.file_of(param_name)} ({load.where}) has shape "
+                f"{tuple(value.shape)}, the model expects {tuple(load.expected[param_name].shape)}"
+            )
     try:
         quant.hooks.create_quantized_param(
             quantizer=quant.quantizer,
