@@ -1,0 +1,90 @@
+"""Dict configs: a user's dict is as strict as TorchAoConfig(...); a checkpoint's quantization_config
+tolerates the keys transformers writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+import qcore
+from helpers.models import TinyTransformer, make_tiny
+from qcore_torchao import TorchAoConfig
+
+
+@pytest.fixture(scope="module")
+def bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("torchao-dicts") / "bf16"
+    qcore.save_pretrained(make_tiny(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def int8wo(bf16: Path) -> Path:
+    model = TinyTransformer.from_pretrained(bf16, quantization_config=TorchAoConfig("int8wo"))
+    path = bf16.parent / "int8wo"
+    qcore.save_pretrained(model, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("config", "key", "suggestion"),
+    [
+        ({"quant_typ": "int8wo"}, "quant_typ", "quant_type"),
+        (
+            {"quant_type": "int8wo", "modules_to_not_covert": ["proj_out"]},
+            "modules_to_not_covert",
+            "modules_to_not_convert",
+        ),
+        (
+            {"quant_type": "int8wo", "include_input_output_embeddings": False},
+            "include_input_output_embeddings",
+            None,
+        ),
+    ],
+)
+def test_user_dict_with_an_unknown_key_is_refused(
+    bf16: Path, config: dict[str, object], key: str, suggestion: str | None
+) -> None:
+    with pytest.raises(qcore.ConfigError) as info:
+        TinyTransformer.from_pretrained(bf16, quantization_config={"quant_method": "torchao", **config})
+    assert info.value.option == key and repr(key) in str(info.value)
+    if suggestion:
+        assert f"did you mean {suggestion!r}" in str(info.value)
+
+
+def rewrite_config(source: Path, target: Path, **extra: object) -> Path:
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    config["quantization_config"].update(extra)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_transformers_keys_in_a_checkpoint_load_silently(
+    int8wo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = rewrite_config(
+        int8wo,
+        tmp_path / "transformers",
+        include_input_output_embeddings=False,
+        untie_embedding_weights=False,
+    )
+    with caplog.at_level(logging.WARNING, logger="qcore"):
+        model = TinyTransformer.from_pretrained(path)
+    assert model.hf_quantizer.pre_quantized
+    assert model.hf_quantizer.quantization_config == TorchAoConfig("int8wo")
+    assert "include_input_output_embeddings" not in caplog.text
+
+
+def test_unknown_checkpoint_keys_load_with_a_warning_naming_them(
+    int8wo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = rewrite_config(int8wo, tmp_path / "newer", some_future_field=True)
+    with caplog.at_level(logging.WARNING, logger="qcore"):
+        model = TinyTransformer.from_pretrained(path)
+    assert model.hf_quantizer.quantization_config == TorchAoConfig("int8wo")
+    assert "'some_future_field'" in caplog.text
