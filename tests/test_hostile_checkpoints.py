@@ -325,3 +325,53 @@ def test_header_offsets_past_the_end_never_allocate(tmp_path: Path, bases: dict[
     write_raw(ckpt / WEIGHTS, header, data)
     with pytest.raises(qcore.CorruptCheckpointError, match=f"{WEIGHTS}.*{KEY}"):
         qcore.from_pretrained(TinyTransformer, ckpt)
+
+
+# --- links in a Hugging Face cache ---------------------------------------------------------------------
+
+
+def hub_cache_with_links(base: Path, cache: Path) -> Path:
+    """The layout huggingface_hub writes: snapshot files are relative links into the repository's blobs."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--acme--tiny"
+    snapshot = repo / "snapshots" / commit / "transformer"
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for number, path in enumerate(sorted(base.iterdir())):
+        blob = repo / "blobs" / f"{number:040x}"
+        blob.write_bytes(path.read_bytes())
+        (snapshot / path.name).symlink_to(Path("..", "..", "..", "blobs", blob.name))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_hub_cache_links_into_blobs_load(
+    bases: dict[bool, Path], reference: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    snapshot = hub_cache_with_links(bases[True], tmp_path / "cache")
+    by_id = qcore.from_pretrained(
+        TinyTransformer,
+        "acme/tiny",
+        subfolder="transformer",
+        cache_dir=tmp_path / "cache",
+        local_files_only=True,
+    )
+    by_path = qcore.from_pretrained(TinyTransformer, snapshot)
+    for model in (by_id, by_path):
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in reference.items())
+    assert main(["inspect", str(snapshot)]) == 0
+
+
+def test_hub_cache_link_out_of_the_repository_is_refused(bases: dict[bool, Path], tmp_path: Path) -> None:
+    snapshot = hub_cache_with_links(bases[True], tmp_path / "cache")
+    shard = sorted(snapshot.glob("*-00001-of-*.safetensors"))[0]
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(shard.read_bytes())
+    shard.unlink()
+    shard.symlink_to(outside)
+    with recording_opens() as opened:
+        with pytest.raises(qcore.CorruptCheckpointError, match=f"{shard.name}: links to .*outside"):
+            qcore.from_pretrained(TinyTransformer, snapshot)
+    assert str(outside) not in opened
