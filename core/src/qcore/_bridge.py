@@ -14,14 +14,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ._checkpoint import read_safetensors_header
 from ._config import QuantizationConfig
 from ._errors import (
     ConfigError,
@@ -385,22 +388,37 @@ def _device_of(param_name: str, device_map: Any) -> torch.device:
         name = name.rpartition(".")[0]
 
 
-def _safetensors_metadata(files: Sequence[Any]) -> tuple[dict[str, str], dict[str, str]]:
-    """(merged header metadata, key -> file) of the safetensors files among ``files``."""
-    from safetensors import safe_open
+@dataclass
+class _Headers:
+    """What the safetensors headers of a library's checkpoint files tell, before any tensor is read."""
 
-    metadata: dict[str, str] = {}
-    key_file: dict[str, str] = {}
+    metadata: dict[str, str] = field(default_factory=dict)
+    key_file: dict[str, str] = field(default_factory=dict)
+    #: every key as a meta tensor of its stored dtype and shape (``preprocess_model``'s checkpoint_tensors)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The floating dtype holding most elements: what "the checkpoint's dtype" means."""
+        counts: dict[torch.dtype, int] = {}
+        for tensor in self.tensors.values():
+            if tensor.is_floating_point():
+                counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+        return max(counts, key=counts.__getitem__) if counts else None
+
+
+def _read_headers(files: Sequence[Any]) -> _Headers:
+    headers = _Headers()
     for path in files:
-        if not isinstance(path, (str, bytes)) and not hasattr(path, "__fspath__"):
-            continue
-        path = str(path)
-        if not path.endswith(".safetensors"):
-            continue
-        with safe_open(path, framework="pt") as handle:
-            metadata.update(handle.metadata() or {})
-            key_file.update(dict.fromkeys(handle.keys(), path))
-    return metadata, key_file
+        if not isinstance(path, (str, os.PathLike)) or not str(path).endswith(".safetensors"):
+            continue  # .bin files and in-memory state dicts carry no header
+        header = read_safetensors_header(Path(path))
+        headers.metadata.update(header.metadata)
+        for key, info in header.tensors.items():
+            headers.key_file[key] = str(path)
+            if info.torch_dtype is not None:
+                headers.tensors[key] = torch.empty(info.torch_shape, dtype=info.torch_dtype, device="meta")
+    return headers
 
 
 # --- diffusers ----------------------------------------------------------------------------------
@@ -440,8 +458,7 @@ def diffusers_adapter_base() -> type:
             self._member: dict[str, str] = {}
             self._done: set[str] = set()
             self._claimed: set[str] = set()
-            self._metadata: dict[str, str] = {}
-            self._key_file: dict[str, str] = {}
+            self._headers = _Headers()
 
         # stage 2
         def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -450,13 +467,17 @@ def diffusers_adapter_base() -> type:
                 return
             self._validated = True
             self.qcore_device_map = kwargs.get("device_map")
+            # diffusers names the checkpoint files only later: checkpoint_dtype is unknown here.
             self.hooks.validate_environment(
-                quantizer=self.qcore, torch_dtype=kwargs.get("torch_dtype"), device_map=self.qcore_device_map
+                quantizer=self.qcore,
+                torch_dtype=kwargs.get("torch_dtype"),
+                device_map=self.qcore_device_map,
+                checkpoint_dtype=None,
             )
 
         def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:
             self.qcore_torch_dtype = self.hooks.update_torch_dtype(
-                quantizer=self.qcore, torch_dtype=torch_dtype
+                quantizer=self.qcore, torch_dtype=torch_dtype, checkpoint_dtype=None
             )
             return self.qcore_torch_dtype
 
@@ -479,7 +500,8 @@ def diffusers_adapter_base() -> type:
         # stage 4
         def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[Any]) -> list[str]:
             self._keys, self._files = list(loaded_keys), list(checkpoint_files)
-            self._metadata, self._key_file = _safetensors_metadata(self._files)
+            self._headers = _read_headers(self._files)
+            self.qcore.pre_quantization_dtype = self.qcore_torch_dtype or self._headers.dtype
             # The same list object comes back in update_missing_keys, where the groups are known.
             self._loaded_keys = loaded_keys
             return loaded_keys
@@ -491,9 +513,11 @@ def diffusers_adapter_base() -> type:
                 model=model,
                 device_map=kwargs.get("device_map"),
                 keep_in_fp32_modules=list(kwargs.get("keep_in_fp32_modules") or []),
+                torch_dtype=self.qcore.pre_quantization_dtype,
+                checkpoint_tensors=self._headers.tensors,
             )
             groups = self.hooks.group_checkpoint_keys(
-                quantizer=self.qcore, model=model, checkpoint_keys=self._keys, metadata=self._metadata
+                quantizer=self.qcore, model=model, checkpoint_keys=self._keys, metadata=self._headers.metadata
             )
             expected = model.state_dict(keep_vars=True)
             unexpected = [name for name in groups if name not in expected]
@@ -528,7 +552,7 @@ def diffusers_adapter_base() -> type:
                 keys = self._groups.get(name, [name])
                 tensors = {key: self._tensor(key, state_dict) for key in keys}
                 device = _device_of(name, self.qcore_device_map)
-                if self._quantize_group(model, name, tensors, device, self._metadata):
+                if self._quantize_group(model, name, tensors, device, self._headers.metadata):
                     self._claimed.update(keys)
                 self._done.add(name)
             # A created group's tensors in any shard (this one or a later one) are already used.
@@ -540,7 +564,7 @@ def diffusers_adapter_base() -> type:
             # A group split over shards: read the part another shard holds.
             from safetensors import safe_open
 
-            path = self._key_file.get(key)
+            path = self._headers.key_file.get(key)
             if path is None:
                 raise MissingKeysError([key], "the checkpoint")
             with safe_open(path, framework="pt") as handle:
@@ -557,7 +581,6 @@ def diffusers_adapter_base() -> type:
             self, model: torch.nn.Module, **kwargs: Any
         ) -> torch.nn.Module:
             self.hooks.postprocess_model(quantizer=self.qcore, model=model)
-            self.qcore.pre_quantization_dtype = self.qcore_torch_dtype
             return model
 
         def _dequantize(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -653,6 +676,7 @@ def transformers_adapter_base() -> type:
             config = self._start(quantization_config, self.pre_quantized)
             self.quantization_config = config
             self._claimed: dict[str, list[str]] = {}
+            self._headers = _Headers()
             self.requires_calibration = self.qcore.requires_calibration
 
         def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -660,12 +684,18 @@ def transformers_adapter_base() -> type:
             self.qcore_device_map = kwargs.get("device_map")
 
         def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+            # transformers has resolved dtype ("auto" included) from the checkpoint by now.
             self.hooks.validate_environment(
-                quantizer=self.qcore, torch_dtype=dtype, device_map=self.qcore_device_map
+                quantizer=self.qcore,
+                torch_dtype=dtype,
+                device_map=self.qcore_device_map,
+                checkpoint_dtype=None,
             )
             self.qcore_torch_dtype = (
-                self.hooks.update_torch_dtype(quantizer=self.qcore, torch_dtype=dtype) or dtype
+                self.hooks.update_torch_dtype(quantizer=self.qcore, torch_dtype=dtype, checkpoint_dtype=None)
+                or dtype
             )
+            self.qcore.pre_quantization_dtype = self.qcore_torch_dtype
             return self.qcore_torch_dtype
 
         def update_device_map(self, device_map: Any) -> Any:
@@ -681,20 +711,22 @@ def transformers_adapter_base() -> type:
                 if self.qcore.use_keep_in_fp32_modules
                 else []
             )
+            self._headers = _read_headers(list(kwargs.get("checkpoint_files") or []))
             self.hooks.preprocess_model(
                 quantizer=self.qcore,
                 model=model,
                 device_map=kwargs.get("device_map"),
                 keep_in_fp32_modules=keep,
+                torch_dtype=self.qcore_torch_dtype,
+                checkpoint_tensors=self._headers.tensors,
             )
             if self.pre_quantized:
-                self._plan_prequantized(model, list(kwargs.get("checkpoint_files") or []))
+                self._plan_prequantized(model)
 
-        def _plan_prequantized(self, model: torch.nn.Module, files: list[Any]) -> None:
+        def _plan_prequantized(self, model: torch.nn.Module) -> None:
             """Find the groups the backend creates; they are created from the files after transformers'
             own load (which sees only plain state-dict keys), and its report does not list their keys."""
-            self._metadata, self._key_file = _safetensors_metadata(files)
-            if not self._key_file:
+            if not self._headers.key_file:
                 raise ConfigError(
                     f"a pre-quantized {self.qcore.quant_method!r} checkpoint loads through transformers only "
                     "from safetensors files; load it with qcore.from_pretrained",
@@ -703,8 +735,8 @@ def transformers_adapter_base() -> type:
             groups = self.hooks.group_checkpoint_keys(
                 quantizer=self.qcore,
                 model=model,
-                checkpoint_keys=list(self._key_file),
-                metadata=self._metadata,
+                checkpoint_keys=list(self._headers.key_file),
+                metadata=self._headers.metadata,
             )
             self._claimed = {
                 name: list(keys)
@@ -738,7 +770,6 @@ def transformers_adapter_base() -> type:
             if self._claimed:
                 self._create_prequantized(model)
             self.hooks.postprocess_model(quantizer=self.qcore, model=model)
-            self.qcore.pre_quantization_dtype = self.qcore_torch_dtype
             return model
 
         def _create_prequantized(self, model: torch.nn.Module) -> None:
@@ -750,7 +781,7 @@ def transformers_adapter_base() -> type:
                 for name, keys in self._claimed.items():
                     tensors = {}
                     for key in keys:
-                        path = self._key_file.get(key)
+                        path = self._headers.key_file.get(key)
                         if path is None:
                             raise MissingKeysError([key], "the checkpoint")
                         if path not in handles:
@@ -762,7 +793,7 @@ def transformers_adapter_base() -> type:
                         if here is not None and here.device.type != "meta"
                         else torch.device("cpu")
                     )
-                    self._quantize_group(model, name, tensors, device, self._metadata)
+                    self._quantize_group(model, name, tensors, device, self._headers.metadata)
 
         def _dequantize(self, model: torch.nn.Module, dtype: Any = None) -> torch.nn.Module:
             return self.hooks.dequantize(quantizer=self.qcore, model=model)
