@@ -88,3 +88,24 @@ def test_unknown_checkpoint_keys_load_with_a_warning_naming_them(
         model = TinyTransformer.from_pretrained(path)
     assert model.hf_quantizer.quantization_config == TorchAoConfig("int8wo")
     assert "'some_future_field'" in caplog.text
+
+
+def test_nested_fqn_to_config_is_refused_before_loading(bf16: Path) -> None:
+    from torchao.quantization import FqnToConfig, Int8WeightOnlyConfig
+
+    inner = FqnToConfig({"attn": Int8WeightOnlyConfig()})
+    config = TorchAoConfig(FqnToConfig({"proj_in": Int8WeightOnlyConfig(), "blocks.0": inner}))
+    with pytest.raises(qcore.ConfigError, match="nested FqnToConfig.*'blocks.0'") as info:
+        TinyTransformer.from_pretrained(bf16, quantization_config=config)
+    assert info.value.option == "quant_type"
+
+
+def test_fqn_to_config_quantizes_only_the_modules_it_names(bf16: Path) -> None:
+    from torchao.quantization import FqnToConfig, Int8WeightOnlyConfig
+    from torchao.utils import TorchAOBaseTensor
+
+    config = TorchAoConfig(FqnToConfig({"proj_in": Int8WeightOnlyConfig(), "proj_out": None}))
+    model = TinyTransformer.from_pretrained(bf16, quantization_config=config)
+    assert isinstance(model.proj_in.weight, TorchAOBaseTensor)
+    assert not isinstance(model.proj_out.weight, TorchAOBaseTensor)
+    assert not isinstance(model.blocks[0].attn.weight, TorchAOBaseTensor)
