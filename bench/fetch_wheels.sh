@@ -28,6 +28,8 @@ download() {
     "${platforms[@]}" -d .whl "$@"
 }
 download bitsandbytes==0.50.2 torchao==0.18.0 diffusers==0.42.1
+# bench/pipeline_bench.py: transformers text encoders (typer and its dependencies: transformers' CLI)
+download transformers==5.23.0 tokenizers==0.23.3 typer click shellingham rich markdown-it-py mdurl
 download pytest==9.2.0 iniconfig pygments  # the gpu-marked tests
 download instanttensor==0.2.2 || echo "instanttensor not downloadable: the instanttensor rows will be skipped" >&2
 
