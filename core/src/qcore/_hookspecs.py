@@ -2,11 +2,12 @@
 
 A backend is a :class:`qcore.Quantizer` subclass whose methods are marked ``@qcore.hookimpl``; one
 instance is made (with the load's merged config) and registered per load; its ``__init__`` may be
-overridden as the :class:`qcore.Quantizer` docstring says. Every hook receives ``quantizer`` (the
-load's quantizer instance) so that observer plugins, which are not the quantizer, can see it too; a
-backend's own methods normally ignore it and use ``self``. Observers also see unquantized loads, where ``quantizer`` is ``None`` and
-qcore's defaults answer every hook. A hookimpl may take any subset of a hook's arguments, by name, so
-arguments added to a hook in a later qcore version do not break existing backends.
+overridden as the :class:`qcore.Quantizer` docstring says. Every hook receives ``quantizer`` (the load's
+quantizer instance) so that observer plugins, which are not the quantizer, can see it too; a backend's
+own methods normally ignore it and use ``self``. Observers also see unquantized loads, where
+``quantizer`` is ``None`` and qcore's defaults answer every hook. A hookimpl may take any subset of a
+hook's arguments, by name, so arguments added to a hook in a later qcore version do not break existing
+backends.
 
 Names: a *parameter name* is a key of ``model.state_dict()`` after ``preprocess_model`` (parameters
 and persistent buffers, e.g. ``blocks.0.attn.weight`` and ``blocks.0.attn.weight_scale``; for a tensor
