@@ -138,6 +138,21 @@ def test_diffusers_checkpoint_loads_through_qcore(bridge: Any, flux_dir: Path, t
     assert type(model.transformer_blocks[0].attn.to_q) is torch.nn.Linear
 
 
+def test_qcore_saves_and_dequantizes_a_model_diffusers_loaded(
+    bridge: Any, flux_dir: Path, tmp_path: Path
+) -> None:
+    model = FluxTransformer2DModel.from_pretrained(
+        flux_dir, quantization_config=Int8Config(), torch_dtype=torch.bfloat16
+    )
+    expected = _flux_out(model)
+    qcore.save_pretrained(model, tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["quantization_config"]["quant_method"] == "int8"
+    assert torch.equal(_flux_out(qcore.from_pretrained(FluxTransformer2DModel, tmp_path / "saved")), expected)
+    qcore.dequantize(model)
+    assert type(model.proj_out) is torch.nn.Linear and model.proj_out.weight.dtype == torch.bfloat16
+
+
 def test_diffusion_pipeline_with_pipeline_quantization_config(bridge: Any, tmp_path: Path) -> None:
     from diffusers import DiffusionPipeline, PipelineQuantizationConfig
 

@@ -34,6 +34,7 @@ from ._errors import (
     QuantizerEnvironmentError,
     UnexpectedKeysError,
 )
+from ._loadrecord import LoadRecord, attach_load_record
 from ._plugins import make_plugin_manager
 from ._quantizer import Quantizer
 from ._registry import Backend, available_backends, get_backend
@@ -581,6 +582,8 @@ def diffusers_adapter_base() -> type:
             self, model: torch.nn.Module, **kwargs: Any
         ) -> torch.nn.Module:
             self.hooks.postprocess_model(quantizer=self.qcore, model=model)
+            # qcore.save_pretrained and qcore.dequantize work on the model as on one qcore loaded.
+            attach_load_record(model, LoadRecord(self.qcore, self.hooks))
             return model
 
         def _dequantize(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -770,6 +773,8 @@ def transformers_adapter_base() -> type:
             if self._claimed:
                 self._create_prequantized(model)
             self.hooks.postprocess_model(quantizer=self.qcore, model=model)
+            # qcore.save_pretrained and qcore.dequantize work on the model as on one qcore loaded.
+            attach_load_record(model, LoadRecord(self.qcore, self.hooks))
             return model
 
         def _create_prequantized(self, model: torch.nn.Module) -> None:
