@@ -375,3 +375,75 @@ def test_hub_cache_link_out_of_the_repository_is_refused(bases: dict[bool, Path]
         with pytest.raises(qcore.CorruptCheckpointError, match=f"{shard.name}: links to .*outside"):
             qcore.from_pretrained(TinyTransformer, snapshot)
     assert str(outside) not in opened
+
+
+# --- inspect of a hub id: headers by HTTP range, the same validator ----------------------------------
+
+
+@pytest.fixture
+def hub_repo(bases: dict[bool, Path], tmp_path: Path) -> Path:
+    root = tmp_path / "served"
+    copy_checkpoint(bases[True], root / "transformer")
+    return root
+
+
+def test_inspect_hub_id_reads_headers_by_range(
+    hub_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from helpers.fakehub import fake_hub
+
+    local = main(["inspect", str(hub_repo / "transformer"), "--json"])
+    expected = json.loads(capsys.readouterr().out)
+    with fake_hub(hub_repo, "acme/tiny", tmp_path / "cache", monkeypatch) as hub:
+        assert main(["inspect", "acme/tiny", "--subfolder", "transformer", "--json"]) == local == 0
+    remote = json.loads(capsys.readouterr().out)
+    for field in ("tensors", "parameters", "dtypes", "shards", "index", "quant_method", "class_name"):
+        assert remote[field] == expected[field], field
+    assert hub.ranges and not [name for name in hub.full_downloads if name.endswith(".safetensors")]
+
+
+@pytest.mark.parametrize(
+    ("corruption", "needles"),
+    [
+        ("offsets-past-eof", (WEIGHTS.replace(".safetensors", "-0000"), KEY)),
+        ("shard-name-parent-traversal", (INDEX, KEY)),
+        ("duplicate-tensor-same", ("duplicate key", KEY)),
+        ("metadata-huge-value", ()),  # a header larger than the first range read: fetched in two
+    ],
+)
+def test_inspect_hub_id_rejects_what_the_loader_rejects(
+    corruption: str,
+    needles: tuple[str, ...],
+    hub_repo: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from helpers.fakehub import fake_hub
+    from helpers.hostile import shard_of
+
+    case = next(c for c in CASES if c.id == corruption)
+    ckpt = hub_repo / "transformer"
+    if case.sharded:
+        case.corrupt(ckpt)
+    else:  # a single-file case, applied to the shard that holds KEY
+        shard = shard_of(ckpt, KEY)
+        single = tmp_path / "single"
+        single.mkdir()
+        shard.rename(single / WEIGHTS)
+        case.corrupt(single)
+        (single / WEIGHTS).rename(shard)
+    with fake_hub(hub_repo, "acme/tiny", tmp_path / "cache", monkeypatch) as hub:
+        code = main(["inspect", "acme/tiny", "--subfolder", "transformer"])
+        if needles:  # the loader, downloading the files, refuses them too
+            with pytest.raises(qcore.QcoreError) as info:
+                qcore.from_pretrained(TinyTransformer, "acme/tiny", subfolder="transformer")
+            assert_names(str(info.value), needles)
+    out, err = capsys.readouterr()
+    assert not control_chars(out + err)
+    if not needles:
+        assert code == 0, err
+        assert len([r for r in hub.ranges if r.startswith(shard_of(ckpt, KEY).name)]) == 2
+        return
+    assert code == 1, out + err
+    assert_names(_stderr_line(err), needles)

@@ -219,9 +219,14 @@ class _HubFiles:
         from huggingface_hub import hf_hub_download
 
         try:
-            return Path(
-                hf_hub_download(self.repo, self._path(filename), revision=self.revision, token=self.token)
+            path = hf_hub_download(
+                self.repo,
+                self._path(filename),
+                revision=self.revision,
+                token=self.token,
+                endpoint=self.api.endpoint,
             )
+            return Path(path)
         except Exception as exc:
             error = hub_error(exc, self.repo, self.location)
             if error is None:
