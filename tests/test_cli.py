@@ -525,3 +525,17 @@ def test_checkpoint_strings_are_printed_escaped(tiny_ckpt: Path, capsys: pytest.
     assert not [ch for ch in out + err if not ch.isprintable() and ch != "\n"]
     assert "Tiny\\x1b[2J\\x1b[31mTransformer" in out and "evil\\x1b]0;pwned\\x07" in out
     assert "pip install" not in out + err  # not a distribution name: no command to run
+
+
+def test_inspect_a_single_weight_file(tiny_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    weights = tiny_ckpt / "diffusion_pytorch_model.safetensors"
+    assert main(["inspect", str(weights), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["shards"][0]["name"] == weights.name and info["quant_method"] is None
+    assert info["parameters"] == sum(p.numel() for p in TinyTransformer().parameters())
+
+    blob = weights.read_bytes()
+    weights.write_bytes(blob[:-10])  # the last tensor now ends past the end of the file
+    assert main(["inspect", str(weights)]) == 1
+    line = error_line(capsys.readouterr().err)
+    assert str(weights) in line and "past the end" in line

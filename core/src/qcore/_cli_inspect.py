@@ -94,6 +94,9 @@ def survey(
 
     Local files go through the loader's own reader, so ``inspect`` rejects exactly what a load would.
     """
+    if os.path.isfile(path):
+        config, shard = _single_file(Path(path))
+        return _summarize(path, config, None, [shard])
     is_hub_id = not os.path.isdir(path)
     if is_hub_id and not _hub_offline():
         files = _HubFiles(path, subfolder, variant, revision, token)
@@ -116,6 +119,28 @@ def survey(
                 for path, header in reader.headers.items()
             ]
     return _summarize(location, config, index, shards_raw)
+
+
+def _single_file(path: Path) -> tuple[dict[str, Any], _ShardRaw]:
+    """A lone weight file, read by its format (the loader's reader for safetensors, a plugin for others)."""
+    from ._formats import open_format
+
+    with open_format(path) as fmt:
+        tensors = {
+            key: TensorInfo(
+                info.quant_type or (str(info.dtype).removeprefix("torch.") if info.dtype else "?"),
+                info.dtype,
+                tuple(info.shape),
+                info.nbytes,
+            )
+            for key, info in fmt.tensors().items()
+        }
+        config = dict(fmt.model_config() or {})
+        implied = fmt.quantization_config()
+        metadata = fmt.metadata()
+    if implied is not None:
+        config.setdefault("quantization_config", implied)
+    return config, (path.name, path.stat().st_size, tensors, metadata)
 
 
 def _summarize(
