@@ -295,3 +295,28 @@ def test_killed_pipeline_save_leaves_the_old_one_intact(flux_dir: Path, tmp_path
     assert after == before
     reloaded = diffusers.FluxPipeline.from_pretrained(target, torch_dtype=torch.bfloat16)
     assert run_pipeline(reloaded).shape == (1, 16, 4)
+
+
+def test_bad_arguments_are_named(flux_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(qcore.ConfigError, match="enable_model_cpu_offload") as info:
+        qcore.load_pipeline(
+            diffusers.FluxPipeline, flux_dir, quantization_config=nf4(), device_map="balanced"
+        )
+    assert info.value.option == "device_map"
+    with pytest.raises(qcore.ConfigError, match="disagree"):
+        qcore.load_pipeline(diffusers.FluxPipeline, flux_dir, torch_dtype=torch.float16, dtype=torch.bfloat16)
+    vae = diffusers.AutoencoderKL.from_pretrained(flux_dir / "vae")
+    with pytest.raises(qcore.ConfigError, match="passed as objects"):
+        qcore.load_pipeline(diffusers.FluxPipeline, flux_dir, quantization_config={"vae": int8wo()}, vae=vae)
+    with pytest.raises(qcore.CheckpointNotFoundError, match="model_index.json"):
+        qcore.load_pipeline(diffusers.FluxPipeline, flux_dir / "transformer")
+    with pytest.raises(qcore.CheckpointNotFoundError, match="no-such-user/no-such-pipeline"):
+        qcore.load_pipeline(diffusers.FluxPipeline, "no-such-user/no-such-pipeline", local_files_only=True)
+
+
+def test_component_objects_are_used_as_given(flux_dir: Path) -> None:
+    vae = diffusers.AutoencoderKL.from_pretrained(flux_dir / "vae", torch_dtype=torch.bfloat16)
+    pipe = qcore.load_pipeline(
+        diffusers.FluxPipeline, flux_dir, quantization_config=int8wo(), torch_dtype=torch.bfloat16, vae=vae
+    )
+    assert pipe.vae is vae and pipe.transformer.is_quantized

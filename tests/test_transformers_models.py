@@ -182,3 +182,29 @@ def test_torchao_checkpoint_reloads_in_transformers(
     assert torch.equal(output(theirs), output(ours))
     again = qcore.from_pretrained(cls, tmp_path / "q")
     assert torch.equal(output(again), output(ours))
+
+
+@pytest.mark.parametrize("backend", ["torchao", "nf4"])
+def test_checkpoints_transformers_wrote_load_in_qcore(
+    saved: dict[str, Path], tmp_path: Path, backend: str
+) -> None:
+    cls = transformers.T5EncoderModel
+    config = (
+        transformers.TorchAoConfig(Int8WeightOnlyConfig())
+        if backend == "torchao"
+        else transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+    )
+    theirs = cls.from_pretrained(saved["T5EncoderModel"], quantization_config=config)
+    for module in theirs.modules():
+        if isinstance(module, bnb.nn.Linear4bit):  # the portable CPU kernel, as qcore-bnb uses
+            module.support_avx512bf16_for_cpu = False
+    theirs.save_pretrained(tmp_path / backend)  # only one name of the tied embedding is stored
+    ours = qcore.from_pretrained(cls, tmp_path / backend)  # no config, no dtype: as transformers reloads
+    assert ours.shared.weight is ours.encoder.embed_tokens.weight
+    assert quantized_linears(ours) == quantized_linears(theirs)
+    assert {p.dtype for p in ours.parameters() if p.is_floating_point()} == {
+        p.dtype for p in theirs.parameters() if p.is_floating_point()
+    }
+    assert torch.equal(output(ours), output(theirs))

@@ -160,6 +160,7 @@ def from_pretrained(
         checkpoint = summarize_checkpoint(reader)
         quant = resolve_quantization(config, quantization_config, files, observers)
         clock.lap("resolve")
+        torch_dtype = torch_dtype or family_of(model_cls).default_dtype(config, checkpoint.dtype)
         torch_dtype, device_map = prepare(quant, torch_dtype, device_map, low_cpu_mem_usage, checkpoint)
         load_dtype = torch_dtype or checkpoint.dtype
         clock.lap("prepare")

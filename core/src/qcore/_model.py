@@ -56,6 +56,12 @@ class ModelFamily:
         if callable(register):
             register(**entries)
 
+    def default_dtype(
+        self, config: Mapping[str, Any], checkpoint_dtype: torch.dtype | None
+    ) -> torch.dtype | None:
+        """The dtype of a load given no ``torch_dtype`` (None: the backend's or the checkpoint's)."""
+        return None
+
     def fp32_modules(self, model: torch.nn.Module, torch_dtype: torch.dtype | None) -> list[str]:
         """Modules whose floating weights load in float32 (the class's ``_keep_in_fp32_modules``)."""
         return list(getattr(model, "_keep_in_fp32_modules", None) or [])
@@ -118,6 +124,14 @@ class TransformersFamily(ModelFamily):
             setattr(config, key, value)
         if entries.get("quantization_config") is not None:
             config._is_quantized = True
+
+    def default_dtype(
+        self, config: Mapping[str, Any], checkpoint_dtype: torch.dtype | None
+    ) -> torch.dtype | None:
+        # transformers 5 loads in the config's dtype, else the checkpoint's ("auto"), quantized or not.
+        name = config.get("dtype") or config.get("torch_dtype")
+        dtype = getattr(torch, name, None) if isinstance(name, str) else None
+        return dtype if isinstance(dtype, torch.dtype) else checkpoint_dtype
 
     def fp32_modules(self, model: torch.nn.Module, torch_dtype: torch.dtype | None) -> list[str]:
         modules: list[str] = []

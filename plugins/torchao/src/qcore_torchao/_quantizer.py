@@ -175,10 +175,12 @@ class TorchAoQuantizer(qcore.Quantizer):
             )
         groups: dict[str, list[str]] = {}
         self._entries = {}
+        present = set(checkpoint_keys)
         for name in names:
             entry = parse_tensor_entry(metadata.get(name), name, self._where)
             if entry["_type"] == PLAIN_TENSOR_TYPE:
-                groups[name] = [name]
+                if name in present:  # transformers lists both names of a tied weight, and stores one
+                    groups[name] = [name]
             else:
                 self._entries[name] = entry
                 groups[name] = [flattened_key(name, part) for part in entry["_tensor_data_names"]]
