@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import select
 import shutil
 import signal
 import traceback
@@ -124,9 +125,13 @@ def _with_events(function: Callable[..., Any], event: Callable[[], None]) -> Cal
     return wrapper
 
 
-def wait_child(pid: int, report_fd: int) -> tuple[int, list[str]]:
+def wait_child(pid: int, report_fd: int, timeout: float = 60.0) -> tuple[int, list[str]]:
     """(signal that killed the child or 0, its report lines: event count, outcome, errno, message)."""
     with os.fdopen(report_fd, "rb") as f:
+        if not select.select([f], [], [], timeout)[0]:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"the saver child did not finish in {timeout} s")
         report = f.read().decode()
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):

@@ -385,7 +385,7 @@ def _fsync_path(path: Path | str, *, directory: bool = False) -> None:
         os.fsync(fd)
     except OSError as exc:
         if not directory or exc.errno not in (errno.EINVAL, errno.EBADF):  # some systems cannot sync dirs
-            raise
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
     finally:
         os.close(fd)
 
@@ -466,8 +466,8 @@ def atomic_directory(
     existed = target.exists()
     try:
         staging = _Staging(target.parent, target.name)
-    except OSError as exc:
-        raise write_error(exc, exc.filename or target.parent, target, existed=existed) from exc
+    except OSError as exc:  # the parent refuses a new entry: name the parent, not the staging name
+        raise write_error(exc, target.parent, target, existed=existed) from exc
     try:
         try:
             yield staging.path

@@ -1,34 +1,33 @@
 """save_pretrained: config.json + safetensors shards + index, written atomically.
 
-Everything is written to a temporary directory beside the target and renamed into place, so a
-failure or a kill never leaves a half-written checkpoint and never destroys the one already there.
-Files in an existing target directory that are not part of a checkpoint (a README, say) are kept.
+The checkpoint is written to a staging directory beside the target, which then takes the target's place in
+one step (see :mod:`qcore._atomic`): a failure or a kill never leaves a half-written checkpoint and never
+destroys the one already there. What an existing target holds besides this save's weights (a README, other
+variants, subfolders) is kept, as diffusers keeps it when it writes into the directory.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
-import shutil
-import tempfile
-import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ._atomic import atomic_directory
 from ._checkpoint import BIN_WEIGHTS_NAME, CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, add_variant
 from ._errors import SerializationError
-from ._model import family_of, model_config_dict
 from ._loadrecord import load_record
+from ._model import family_of, model_config_dict
 
 logger = logging.getLogger("qcore")
 
-_CHECKPOINT_FILE = re.compile(
-    r"^(config\.json|(diffusion_pytorch_model|model)\b.*\.(safetensors|bin|json))$"
-)
+_OS_ERROR_IN_MESSAGE = re.compile(r"\(os error (\d+)\)")
 
 
 def save_pretrained(
@@ -58,11 +57,28 @@ def save_pretrained(
         config["quantization_config"] = quantizer.quantization_config.to_dict()
         if quantizer.pre_quantization_dtype is not None:
             config["_pre_quantization_dtype"] = str(quantizer.pre_quantization_dtype).removeprefix("torch.")
-    with _atomic_directory(Path(save_directory)) as tmp:
-        _write_json(tmp / CONFIG_NAME, config)
-        family = family_of(model)
-        names = (family.weights_name, family.bin_weights_name)
+    family = family_of(model)
+    names = (family.weights_name, family.bin_weights_name)
+    stale = superseded_weight_files(names[0] if safe_serialization else names[1], variant)
+    with atomic_directory(save_directory, superseded=stale) as tmp:
         _write_weights(tmp, state_dict, metadata, max_shard_size, variant, safe_serialization, names)
+        _write_json(tmp / CONFIG_NAME, config)
+
+
+def superseded_weight_files(weights_name: str, variant: str | None) -> Callable[[str], bool]:
+    """Which files of an existing directory a save of ``weights_name`` (``model.safetensors``, say) in
+    ``variant`` makes stale, by path relative to the directory: that variant's shards in either format (as
+    diffusers removes them), that variant's index files and its single file of the same format. Other
+    variants, the other format's single file and files in subfolders are not superseded."""
+    base, _, extension = weights_name.rpartition(".")
+    stem = base if variant is None else f"{base}.{variant}"
+    index_variant = "" if variant is None else re.escape(f".{variant}")
+    stale = re.compile(
+        rf"{re.escape(stem)}-\d{{5}}-of-\d{{5}}\.(safetensors|bin)"
+        rf"|{re.escape(base)}\.(safetensors|bin)\.index{index_variant}\.json"
+        rf"|{re.escape(stem)}\.{re.escape(extension)}"
+    )
+    return lambda relative: stale.fullmatch(relative) is not None
 
 
 def _write_weights(
@@ -91,82 +107,35 @@ def _write_weights(
 
                 save_file(shard, str(path), metadata=header)
             else:
-                torch.save(shard, path)
+                with open(path, "wb") as f:  # a Python file: torch.save then keeps the OSError of a write
+                    torch.save(shard, f)
         except Exception as exc:
+            code = _os_error_code(exc)
+            if code is not None:  # the file system's fault: atomic_directory names the path and what to do
+                raise OSError(code, os.strerror(code), str(path)) from exc
             raise SerializationError(
                 f"writing {filename} failed ({type(exc).__name__}: {exc}); nothing was saved"
             ) from exc
-        _fsync(path)
     if split.is_sharded:
         index_name = add_variant(f"{names[0] if safe_serialization else names[1]}.index.json", variant)
         index = {"metadata": {**split.metadata, **metadata}, "weight_map": split.tensor_to_filename}
         _write_json(directory / index_name, index)
 
 
+def _os_error_code(exc: BaseException) -> int | None:
+    """The errno behind a writer's failure: torch.save wraps the OSError, safetensors prints its code."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen.errno
+        seen = seen.__cause__ or seen.__context__
+    match = _OS_ERROR_IN_MESSAGE.search(str(exc))
+    if match is not None and int(match.group(1)) in errno.errorcode:
+        return int(match.group(1))
+    return None
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-class _atomic_directory:
-    """Yield a temporary directory; on success it replaces ``target``, on failure it vanishes."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = target.absolute()
-        if self.target.exists() and not self.target.is_dir():
-            raise SerializationError(f"{self.target} exists and is not a directory")
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(
-            tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".qcore-tmp", dir=self.target.parent)
-        )
-        return self.tmp
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        try:
-            self._replace()
-        except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
-
-    def _replace(self) -> None:
-        if not self.target.exists():
-            os.rename(self.tmp, self.target)
-            return
-        for entry in self.target.iterdir():
-            if _CHECKPOINT_FILE.match(entry.name) or (self.tmp / entry.name).exists():
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.copytree(entry, self.tmp / entry.name, copy_function=_link_or_copy, symlinks=True)
-            else:
-                _link_or_copy(str(entry), str(self.tmp / entry.name))
-        backup = self.target.with_name(f".{self.target.name}.qcore-old-{uuid.uuid4().hex[:8]}")
-        os.rename(self.target, backup)
-        try:
-            os.rename(self.tmp, self.target)
-        except BaseException:
-            os.rename(backup, self.target)
-            raise
-        shutil.rmtree(backup, ignore_errors=True)
