@@ -153,6 +153,46 @@ def test_qcore_saves_and_dequantizes_a_model_diffusers_loaded(
     assert type(model.proj_out) is torch.nn.Linear and model.proj_out.weight.dtype == torch.bfloat16
 
 
+def test_diffusers_from_single_file_quantizes_on_load(bridge: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """A single file in Black Forest Labs' naming, converted by diffusers' own Flux converter."""
+    import inspect
+
+    import diffusers.loaders.single_file_model as sfm
+    import diffusers.loaders.single_file_utils as sfu
+    from safetensors.torch import save_file
+
+    from qcore_int8 import quantize_per_channel
+
+    gguf_testing = pytest.importorskip("qcore_gguf.testing")
+    path = tmp_path / "flux.safetensors"
+    arrays = gguf_testing.bfl_flux_arrays(gguf_testing.TINY_FLUX, 0)
+    save_file({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in arrays.items()}, str(path))
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.json").write_text(json.dumps(gguf_testing.TINY_FLUX))
+    # diffusers' converter hard-codes Flux-dev's width; the tiny model's is read from the file instead.
+    source = inspect.getsource(sfu.convert_flux_transformer_checkpoint_to_diffusers)
+    source = source.replace("inner_dim = 3072", "inner_dim = checkpoint['img_in.weight'].shape[0]")
+    namespace = dict(vars(sfu))
+    exec(compile(source, sfu.__file__, "exec"), namespace)  # noqa: S102 - diffusers' own source
+    entry = dict(sfm.SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"])
+    entry["checkpoint_mapping_fn"] = namespace["convert_flux_transformer_checkpoint_to_diffusers"]
+    monkeypatch.setitem(sfm.SINGLE_FILE_LOADABLE_CLASSES, "FluxTransformer2DModel", entry)
+
+    def load(**kwargs: Any) -> Any:
+        return FluxTransformer2DModel.from_single_file(
+            str(path),
+            config=str(tmp_path / "config"),
+            torch_dtype=torch.bfloat16,
+            local_files_only=True,
+            **kwargs,
+        )
+
+    model, plain = load(quantization_config=Int8Config()), load()
+    assert isinstance(model.proj_out, Int8Linear) and not model.hf_quantizer.pre_quantized
+    q, scale = quantize_per_channel(plain.proj_out.weight)
+    assert torch.equal(model.proj_out.weight, q) and torch.equal(model.proj_out.weight_scale, scale)
+
+
 def test_diffusion_pipeline_with_pipeline_quantization_config(bridge: Any, tmp_path: Path) -> None:
     from diffusers import DiffusionPipeline, PipelineQuantizationConfig
 

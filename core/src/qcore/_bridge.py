@@ -16,7 +16,7 @@ import copy
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -114,8 +114,8 @@ class BridgeState:
 
     served: dict[str, list[str]] = field(default_factory=dict)
     kept_native: dict[str, list[str]] = field(default_factory=dict)
-    # (mapping, key, previous value or _ABSENT) for disable_bridge.
-    _undo: list[tuple[dict[str, Any], str, Any]] = field(default_factory=list, repr=False)
+    # What disable_bridge runs, last first.
+    _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
 
 _ABSENT = object()
@@ -221,12 +221,27 @@ def disable_bridge() -> None:
     global _state
     if _state is None:
         return
-    for mapping, key, previous in reversed(_state._undo):
-        if previous is _ABSENT:
-            mapping.pop(key, None)
-        else:
-            mapping[key] = previous
+    for undo in reversed(_state._undo):
+        undo()
     _state = None
+
+
+def _set_item(state: BridgeState, mapping: dict[str, Any], key: str, value: Any) -> None:
+    previous = mapping.get(key, _ABSENT)
+    mapping[key] = value
+    state._undo.append(
+        lambda: mapping.pop(key, None) if previous is _ABSENT else mapping.__setitem__(key, previous)
+    )
+
+
+def _give_method_a_value(state: BridgeState, config_class: type[QuantizationConfig]) -> None:
+    """diffusers reads ``quantization_config.quant_method.value`` of the user's config object (its
+    methods are enums); a str subclass answers it and is equal to the plain string everywhere else."""
+    method = config_class.__dict__.get("quant_method")
+    if type(method) is not str:
+        return
+    config_class.quant_method = _MethodName(method)
+    state._undo.append(lambda: setattr(config_class, "quant_method", method))
 
 
 def _tables(library: str) -> tuple[dict[str, Any], dict[str, Any], type]:
@@ -263,9 +278,9 @@ def _register(
             {"qcore_backend": backend, "__module__": __name__},
         )
         for key in keys:
-            for mapping, value in ((quantizers, adapter), (configs, backend.config_class)):
-                state._undo.append((mapping, key, mapping.get(key, _ABSENT)))
-                mapping[key] = value
+            _set_item(state, quantizers, key, adapter)
+            _set_item(state, configs, key, backend.config_class)
+        _give_method_a_value(state, backend.config_class)
         served.append(method)
 
 
@@ -453,6 +468,7 @@ def diffusers_adapter_base() -> type:
             self.quantization_config = LibraryConfigView(config)
             self.modules_to_not_convert = list(self.qcore.modules_to_not_convert)
             self._validated = False
+            self._grouped = False  # True once diffusers names the checkpoint's keys (not from_single_file)
             self._keys: list[str] = []
             self._files: list[Any] = []
             self._groups: dict[str, list[str]] = {}
@@ -500,6 +516,7 @@ def diffusers_adapter_base() -> type:
 
         # stage 4
         def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[Any]) -> list[str]:
+            self._grouped = True
             self._keys, self._files = list(loaded_keys), list(checkpoint_files)
             self._headers = _read_headers(self._files)
             self.qcore.pre_quantization_dtype = self.qcore_torch_dtype or self._headers.dtype
@@ -547,7 +564,18 @@ def diffusers_adapter_base() -> type:
 
         def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
             model = self.qcore_model
-            assert model is not None, "diffusers loads weights after preprocess_model"
+            if model is None or not self._grouped:
+                # from_single_file: the file's own keys, before diffusers converts them and builds the
+                # model; its tensors come one by one to check_if_quantized_param / create_quantized_param.
+                # A single file carries no quantization_config: the bridge quantizes it on load.
+                if self.qcore.requires_calibration:
+                    raise ConfigError(
+                        f"backend {self.qcore.quant_method!r} reads only pre-quantized checkpoints; "
+                        "from_single_file through the bridge quantizes on load",
+                        option="quantization_config",
+                    )
+                self.pre_quantized = self.qcore.pre_quantized = False
+                return state_dict
             pending = {self._member.get(key, key) for key in state_dict} - self._done
             for name in sorted(pending):
                 keys = self._groups.get(name, [name])
@@ -571,11 +599,43 @@ def diffusers_adapter_base() -> type:
             with safe_open(path, framework="pt") as handle:
                 return handle.get_tensor(key)
 
-        def check_if_quantized_param(self, *args: Any, **kwargs: Any) -> bool:
-            return False  # every quantized group was created in maybe_update_state_dict
+        def check_if_quantized_param(
+            self,
+            model: torch.nn.Module,
+            param_value: torch.Tensor,
+            param_name: str,
+            state_dict: Mapping[str, Any],
+            **kwargs: Any,
+        ) -> bool:
+            if self._grouped:
+                return False  # every quantized group was created in maybe_update_state_dict
+            value = state_dict.get(param_name, param_value)
+            return bool(
+                self.hooks.check_if_quantized_param(
+                    quantizer=self.qcore,
+                    model=model,
+                    param_name=param_name,
+                    param_value=value,
+                    state_dict={param_name: value},
+                )
+            )
 
-        def create_quantized_param(self, *args: Any, **kwargs: Any) -> None:
-            return None
+        def create_quantized_param(
+            self,
+            model: torch.nn.Module,
+            param_value: torch.Tensor,
+            param_name: str,
+            target_device: Any,
+            state_dict: Mapping[str, Any],
+            *args: Any,
+            **kwargs: Any,
+        ) -> None:
+            if self._grouped:
+                return
+            # from_single_file: one converted tensor at a time, each its own group.
+            value = state_dict.get(param_name, param_value)
+            device = target_device if isinstance(target_device, torch.device) else torch.device(target_device)
+            self._quantize_group(model, param_name, {param_name: value}, device, {})
 
         # stage 6
         def _process_model_after_weight_loading(
