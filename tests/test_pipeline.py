@@ -320,3 +320,41 @@ def test_component_objects_are_used_as_given(flux_dir: Path) -> None:
         diffusers.FluxPipeline, flux_dir, quantization_config=int8wo(), torch_dtype=torch.bfloat16, vae=vae
     )
     assert pipe.vae is vae and pipe.transformer.is_quantized
+
+
+OTHER_PIPELINES = {
+    # pipeline class, builder, runner, the text encoder a single config quantizes by default
+    "StableDiffusion3Pipeline": ("tiny_sd3_pipeline", "run_sd3", "text_encoder_3"),
+    "WanPipeline": ("tiny_wan_pipeline", "run_wan", "text_encoder"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_PIPELINES))
+def test_other_pipelines_equal_diffusers_pipeline_quantization(name: str, tmp_path: Path) -> None:
+    import helpers.pipelines as tiny
+
+    build, run, encoder = OTHER_PIPELINES[name]
+    getattr(tiny, build)(tmp_path / name)
+    cls = getattr(diffusers, name)
+    ours = qcore.load_pipeline(cls, tmp_path / name, quantization_config=int8wo(), torch_dtype=torch.bfloat16)
+    quantized = [
+        n
+        for n in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+        if getattr(getattr(ours, n, None), "is_quantized", False)
+    ]
+    assert sorted(quantized) == sorted(["transformer", encoder])  # the denoiser and T5/UMT5, not CLIP
+    theirs = cls.from_pretrained(
+        tmp_path / name,
+        torch_dtype=torch.bfloat16,
+        quantization_config=diffusers.PipelineQuantizationConfig(
+            quant_mapping={
+                "transformer": diffusers.TorchAoConfig(Int8WeightOnlyConfig()),
+                encoder: t5_int8wo_for_transformers(),
+            }
+        ),
+    )
+    assert torch.equal(getattr(tiny, run)(ours), getattr(tiny, run)(theirs))
+    ours.save_pretrained(tmp_path / f"{name}-int8")
+    again = qcore.load_pipeline(diffusers.DiffusionPipeline, tmp_path / f"{name}-int8")
+    assert type(again).__name__ == name
+    assert torch.equal(getattr(tiny, run)(again), getattr(tiny, run)(ours))

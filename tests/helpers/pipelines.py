@@ -149,3 +149,128 @@ def run_pipeline(pipe: Any, steps: int = 2, seed: int = 0) -> torch.Tensor:
             generator=torch.Generator().manual_seed(seed),
             output_type="latent",
         ).images
+
+
+def tiny_sd3_pipeline(directory: Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Any:
+    """A random tiny StableDiffusion3Pipeline: two CLIPTextModelWithProjection encoders and a T5."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+    )
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    vocab = directory.parent / f"{directory.name}-clip-vocab"
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=CLIPTextModelWithProjection(clip_config()),
+        tokenizer=clip_tokenizer(vocab),
+        text_encoder_2=CLIPTextModelWithProjection(clip_config()),
+        tokenizer_2=clip_tokenizer(vocab),
+        text_encoder_3=T5EncoderModel(t5_config()),
+        tokenizer_3=t5_tokenizer(),
+        transformer=transformer,
+    ).to(dtype)
+    pipe.save_pretrained(directory)
+    return pipe
+
+
+def tiny_wan_pipeline(directory: Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Any:
+    """A random tiny WanPipeline: a UMT5EncoderModel text encoder and a Wan video transformer."""
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    t5 = t5_config().to_dict()
+    umt5 = UMT5Config(
+        **{k: t5[k] for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")}
+    )
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    pipe = WanPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=UMT5EncoderModel(umt5),
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+    ).to(dtype)
+    pipe.save_pretrained(directory)
+    return pipe
+
+
+def run_sd3(pipe: Any, steps: int = 2, seed: int = 0) -> torch.Tensor:
+    with torch.no_grad():
+        return pipe(
+            PROMPT,
+            height=8,
+            width=8,
+            num_inference_steps=steps,
+            guidance_scale=5.0,
+            max_sequence_length=16,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="latent",
+        ).images
+
+
+def run_wan(pipe: Any, steps: int = 2, seed: int = 0) -> torch.Tensor:
+    with torch.no_grad():
+        return pipe(
+            PROMPT,
+            negative_prompt="a dog",
+            height=16,
+            width=16,
+            num_frames=5,
+            num_inference_steps=steps,
+            guidance_scale=6.0,
+            max_sequence_length=16,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="latent",
+        ).frames

@@ -565,7 +565,8 @@ def _load_dtype(
 ) -> torch.dtype:
     if not value.is_floating_point():
         return value.dtype
-    if keep_fp32 and module_matches(name.rpartition(".")[0], keep_fp32):
+    # Whole parameter name, as diffusers matches: keeps parameters such as Wan's scale_shift_table too.
+    if keep_fp32 and module_matches(name, keep_fp32):
         return torch.float32
     # float8 loads cast each tensor as it arrives: the same result as diffusers' cast after loading.
     return torch_dtype or value.dtype
