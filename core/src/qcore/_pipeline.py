@@ -13,6 +13,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +23,7 @@ from ._atomic import atomic_directory
 from ._checkpoint import read_json
 from ._config import QuantizationConfig
 from ._errors import CheckpointNotFoundError, ConfigError
+from ._helpers import version_at_least
 from ._loading import from_pretrained
 
 logger = logging.getLogger("qcore")
@@ -101,7 +103,8 @@ def load_pipeline(
         )
     options: dict[str, Any] = dict(pipeline_kwargs)
     if dtype is not None:
-        options["torch_dtype"] = dtype
+        # diffusers 0.42 renamed torch_dtype to dtype (the old name still works, with a warning).
+        options["dtype" if version_at_least(version("diffusers"), "0.42") else "torch_dtype"] = dtype
     if device_map is not None:
         options["device_map"] = str(torch.device(device_map))
     if variant is not None:
