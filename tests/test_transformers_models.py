@@ -208,3 +208,38 @@ def test_checkpoints_transformers_wrote_load_in_qcore(
         p.dtype for p in theirs.parameters() if p.is_floating_point()
     }
     assert torch.equal(output(ours), output(theirs))
+
+
+def test_push_to_hub_uploads_what_qcore_writes(saved: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    import transformers.utils.hub as hub
+    from huggingface_hub import ModelCard
+    from safetensors.torch import load_file
+
+    cls = transformers.T5EncoderModel
+    ours = qcore.from_pretrained(
+        cls, saved["T5EncoderModel"], quantization_config=TorchAoConfig(Int8WeightOnlyConfig())
+    )
+    qcore.save_pretrained(ours, tmp_path / "qcore")
+    uploads: list[dict[str, Any]] = []
+
+    def upload(self: Any, folder: str, *args: Any, **kwargs: Any) -> None:
+        uploads.append(
+            {
+                "files": sorted(p.name for p in Path(folder).iterdir() if p.name != "README.md"),
+                "config": (Path(folder) / "config.json").read_bytes(),
+                "tensors": load_file(str(Path(folder) / "model.safetensors")),
+            }
+        )
+
+    # Only the network is replaced: push_to_hub saves into a temporary directory and uploads it.
+    repo = type("Repo", (), {"repo_id": "user/t5-int8"})()
+    monkeypatch.setattr(hub, "hf_api", lambda: type("Api", (), {"create_repo": lambda *a, **k: repo})())
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *a, **k: ModelCard("---\n---\n"))
+    monkeypatch.setattr(type(ours), "_upload_modified_files", upload)
+    ours.push_to_hub("user/t5-int8")
+    assert len(uploads) == 1
+    assert uploads[0]["files"] == ["config.json", "model.safetensors"]
+    assert uploads[0]["config"] == (tmp_path / "qcore" / "config.json").read_bytes()
+    expected = load_file(str(tmp_path / "qcore" / "model.safetensors"))
+    assert uploads[0]["tensors"].keys() == expected.keys()
+    assert all(torch.equal(uploads[0]["tensors"][k], expected[k]) for k in expected)
