@@ -303,6 +303,8 @@ def test_bad_arguments_are_named(flux_dir: Path, tmp_path: Path) -> None:
             diffusers.FluxPipeline, flux_dir, quantization_config=nf4(), device_map="balanced"
         )
     assert info.value.option == "device_map"
+    with pytest.raises(qcore.ConfigError, match="is not a device"):
+        qcore.load_pipeline(diffusers.FluxPipeline, flux_dir, quantization_config=nf4(), device_map="nowhere")
     with pytest.raises(qcore.ConfigError, match="disagree"):
         qcore.load_pipeline(diffusers.FluxPipeline, flux_dir, torch_dtype=torch.float16, dtype=torch.bfloat16)
     vae = diffusers.AutoencoderKL.from_pretrained(flux_dir / "vae")
@@ -317,9 +319,15 @@ def test_bad_arguments_are_named(flux_dir: Path, tmp_path: Path) -> None:
 def test_component_objects_are_used_as_given(flux_dir: Path) -> None:
     vae = diffusers.AutoencoderKL.from_pretrained(flux_dir / "vae", torch_dtype=torch.bfloat16)
     pipe = qcore.load_pipeline(
-        diffusers.FluxPipeline, flux_dir, quantization_config=int8wo(), torch_dtype=torch.bfloat16, vae=vae
+        diffusers.FluxPipeline,
+        flux_dir,
+        quantization_config=int8wo(),
+        torch_dtype=torch.bfloat16,
+        device_map="cpu",  # one device for qcore's components and diffusers' (its device_map="cpu")
+        vae=vae,
     )
     assert pipe.vae is vae and pipe.transformer.is_quantized
+    assert {p.device.type for p in pipe.text_encoder.parameters()} == {"cpu"}
 
 
 OTHER_PIPELINES = {

@@ -74,6 +74,7 @@ def load_pipeline(
             "call pipe.enable_model_cpu_offload() to move components on demand",
             option="device_map",
         )
+    _device(device_map)
     hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
     root = _pipeline_directory(pipeline_cls, pretrained_model_name_or_path, variant, hub)
     index = read_json(root / MODEL_INDEX)
@@ -105,11 +106,20 @@ def load_pipeline(
     if dtype is not None:
         # diffusers 0.42 renamed torch_dtype to dtype (the old name still works, with a warning).
         options["dtype" if version_at_least(version("diffusers"), "0.42") else "torch_dtype"] = dtype
-    if device_map is not None:
-        options["device_map"] = str(torch.device(device_map))
+    device = _device(device_map)
+    # diffusers places a pipeline on "cpu" or on the default accelerator by name only ("cuda", not
+    # "cuda:1"); on another accelerator it loads on the CPU and qcore moves its components after.
+    elsewhere = device is not None and device.type != "cpu" and device.index not in (None, 0)
+    move_to = device if elsewhere else None
+    if device is not None and move_to is None:
+        options["device_map"] = device.type
     if variant is not None:
         options["variant"] = variant
     pipe = pipeline_cls.from_pretrained(root, **loaded, **options)  # type: ignore[attr-defined]
+    if move_to is not None:
+        for name, component in pipe.components.items():
+            if isinstance(component, torch.nn.Module) and name not in loaded:
+                component.to(move_to)
     make_saves_atomic(pipe)
     return pipe  # type: ignore[no-any-return]
 
@@ -246,6 +256,18 @@ def _entries(model_index: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
 def _is_prequantized(component_dir: Path) -> bool:
     config = component_dir / "config.json"
     return config.is_file() and read_json(config).get("quantization_config") is not None
+
+
+def _device(device_map: str | int | torch.device | None) -> torch.device | None:
+    if device_map is None:
+        return None
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(
+            f"device_map {device_map!r} is not a device; pass one device such as 'cuda' or 'cpu'",
+            option="device_map",
+        ) from exc
 
 
 def _saved_dtype(component_dir: Path) -> torch.dtype | None:
