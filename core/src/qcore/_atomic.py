@@ -400,7 +400,8 @@ def _fsync_tree(root: Path, *, files: bool) -> None:
 
 
 def _commit(staging: _Staging, target: Path, superseded: Callable[[str], bool] | None) -> None:
-    os.unlink(staging.path / OWNER_FILE)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(staging.path / OWNER_FILE)
     _fsync_tree(staging.path, files=True)
     if target.is_dir():
         os.chmod(staging.path, target.stat().st_mode & 0o7777)
@@ -452,7 +453,10 @@ def _settle(parent: Path, old: Path | None) -> None:
 def atomic_directory(
     target: str | os.PathLike[str], *, superseded: Callable[[str], bool] | None = None
 ) -> Iterator[Path]:
-    """Yield an empty staging directory that replaces ``target`` when the block ends without an error.
+    """Yield a staging directory that replaces ``target`` when the block ends without an error.
+
+    The staging directory starts with only the save's owner record (``.qcore-owner``, removed before the
+    swap), which the block leaves alone.
 
     What the block writes becomes the new ``target``. Entries of an existing ``target`` the block did not
     write are kept (hard-linked; directories present on both sides are merged), except those for which
