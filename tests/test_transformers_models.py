@@ -243,3 +243,43 @@ def test_push_to_hub_uploads_what_qcore_writes(saved: dict[str, Path], tmp_path:
     expected = load_file(str(tmp_path / "qcore" / "model.safetensors"))
     assert uploads[0]["tensors"].keys() == expected.keys()
     assert all(torch.equal(uploads[0]["tensors"][k], expected[k]) for k in expected)
+
+
+def test_causal_lm_with_tied_head(tmp_path: Path) -> None:
+    """Any PreTrainedModel: a Llama whose lm_head is tied to its input embedding."""
+    cls = transformers.LlamaForCausalLM
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    cls(config).to(torch.bfloat16).save_pretrained(tmp_path / "llama")
+    ids = torch.tensor([[3, 4, 5, 6]])
+
+    def logits(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model(ids).logits
+
+    ours = qcore.from_pretrained(cls, tmp_path / "llama")
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    assert torch.equal(logits(ours), logits(cls.from_pretrained(tmp_path / "llama")))
+    ours = qcore.from_pretrained(
+        cls, tmp_path / "llama", quantization_config=TorchAoConfig(Int8WeightOnlyConfig())
+    )
+    theirs = cls.from_pretrained(
+        tmp_path / "llama", quantization_config=transformers.TorchAoConfig(Int8WeightOnlyConfig())
+    )
+    assert quantized_linears(ours) == quantized_linears(theirs) and "lm_head" not in quantized_linears(ours)
+    assert torch.equal(logits(ours), logits(theirs))
+    ours.save_pretrained(tmp_path / "llama-int8")
+    again = cls.from_pretrained(tmp_path / "llama-int8")
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    assert torch.equal(logits(again), logits(ours))
+    options = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    nf4 = qcore.from_pretrained(cls, tmp_path / "llama", quantization_config=BitsAndBytesConfig(**options))
+    assert quantized_linears(nf4) == transformers_bnb_selection(cls, config, options)
