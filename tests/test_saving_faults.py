@@ -124,19 +124,28 @@ def _as_nobody() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="drops root to get a real permission error")
-@pytest.mark.parametrize("case", ["new target", "existing checkpoint", "writable target, read-only parent"])
+@pytest.mark.parametrize(
+    "case", ["new target", "existing checkpoint", "writable target, read-only parent", "read-only target"]
+)
 def test_permission_denied(case: str, models: dict[str, Any], shared_tmp: Path) -> None:
     target = shared_tmp / "ckpt"
     before = None
     if case != "new target":
         before = _existing(target, models)
+    denied = target if case == "existing checkpoint" else shared_tmp  # the first thing it may not write
     if case == "writable target, read-only parent":
         target.chmod(0o777)
-        before = snapshot(target)
+    elif case == "read-only target":  # the user's own directory, in a parent they may write, made read-only
+        for path in (shared_tmp, target, *target.iterdir()):
+            os.chown(path, 65534, 65534)
+        target.chmod(0o555)
+        denied = target
+    before = snapshot(target) if before is not None else None
     pid, report, _ = fork_saver(lambda: qcore.save_pretrained(models["int8"], target), child_setup=_as_nobody)
     _, (_, outcome, code, message) = wait_child(pid, report)
     assert (outcome, int(code)) == ("CheckpointWriteError", errno.EACCES), message
-    assert f"cannot write {shared_tmp}: Permission denied [EACCES]" in message
+    assert message.startswith(f"cannot write {denied}: ")
+    assert ("left as it was" if before is not None else "nothing was created") in message
     _assert_untouched(target, before)
 
 

@@ -215,3 +215,15 @@ def test_a_failing_block_leaves_the_directory(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), _atomic.atomic_directory(target):
         raise RuntimeError("component failed")
     assert not target.exists() and leftovers(tmp_path) == []
+
+
+def test_saving_into_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "repo"
+    qcore.save_pretrained(make_tiny(), target)
+    (target / "sub").mkdir()
+    monkeypatch.chdir(target / "sub")
+    qcore.save_pretrained(make_tiny(seed=4), "..")
+    # The old directory is gone; the process follows its working directory into the new one.
+    assert Path(os.getcwd()) == target / "sub" and Path("../config.json").exists()
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    assert torch.equal(TinyTransformer.from_pretrained(target)(x), make_tiny(seed=4)(x))

@@ -296,6 +296,14 @@ def _resolve_target(target: Path) -> Path:
             path=str(target),
             errno=errno.ENOTDIR,
         )
+    if target.is_dir() and not os.access(target, os.W_OK):
+        # Writing into it would fail; replacing it through the parent would override its owner's wish.
+        raise CheckpointWriteError(
+            f"cannot write {target}: the directory is read-only (for this user, or its file system); "
+            "make it writable or save somewhere else. The checkpoint already there was left as it was.",
+            path=str(target),
+            errno=errno.EACCES,
+        )
     return target
 
 
@@ -328,7 +336,10 @@ class _Staging:
                 os.mkdir(path)
             except FileExistsError:
                 continue
-            fd = _open_directory(path)
+            try:
+                fd = _open_directory(path)
+            except FileNotFoundError:
+                continue  # a cleaner removed it in the instant after mkdir
             self.lock = _lock(fd, wait=True)
             # A cleaner may have taken the new directory in the instant before the lock: start again.
             if _is_at(fd, path):
@@ -404,8 +415,8 @@ def _commit(staging: _Staging, target: Path, superseded: Callable[[str], bool] |
         os.unlink(staging.path / OWNER_FILE)
     _fsync_tree(staging.path, files=True)
     if target.is_dir():
-        os.chmod(staging.path, target.stat().st_mode & 0o7777)
         _carry_over(target, staging.path, superseded)
+        os.chmod(staging.path, target.stat().st_mode & 0o7777)
         _fsync_tree(staging.path, files=False)  # carried files are as durable as they were
     elif _rename_new(staging, target):
         return _settle(target.parent, None)
@@ -422,6 +433,14 @@ def _commit(staging: _Staging, target: Path, superseded: Callable[[str], bool] |
         os.rename(backup, target)
         raise
     _settle(target.parent, backup)
+
+
+def _cwd_inside(target: Path) -> Path | None:
+    """The working directory relative to ``target`` when it is inside it, else None."""
+    try:
+        return Path(os.getcwd()).relative_to(os.path.realpath(target))
+    except (OSError, ValueError):
+        return None
 
 
 def _rename_new(staging: _Staging, target: Path) -> bool:
@@ -478,11 +497,15 @@ def atomic_directory(
         except OSError as exc:
             where = _target_path(exc.filename or staging.path, staging.path, target)
             raise write_error(exc, where, target, existed=existed) from exc
+        cwd = _cwd_inside(target)
         try:
             _commit(staging, target, superseded)
         except OSError as exc:
             where = _target_path(exc.filename or target, staging.path, target)
             raise write_error(exc, where, target, existed=existed) from exc
+        if cwd is not None:  # the working directory was in the old directory, which is gone now
+            with contextlib.suppress(OSError):
+                os.chdir(target / cwd if (target / cwd).is_dir() else target)
     finally:
         try:
             staging.close()
