@@ -366,3 +366,33 @@ def test_other_pipelines_equal_diffusers_pipeline_quantization(name: str, tmp_pa
     again = qcore.load_pipeline(diffusers.DiffusionPipeline, tmp_path / f"{name}-int8")
     assert type(again).__name__ == name
     assert torch.equal(getattr(tiny, run)(again), getattr(tiny, run)(ours))
+
+
+def test_diffusers_pipeline_quantization_config_is_accepted_and_checked(flux_dir: Path) -> None:
+    mapping = diffusers.PipelineQuantizationConfig(
+        quant_mapping={
+            "transformer": diffusers.TorchAoConfig(Int8WeightOnlyConfig()),
+            "text_encoder_2": t5_int8wo_for_transformers(),
+        }
+    )
+    ours = qcore.load_pipeline(
+        diffusers.FluxPipeline, flux_dir, quantization_config=mapping, torch_dtype=torch.bfloat16
+    )
+    theirs = diffusers.FluxPipeline.from_pretrained(
+        flux_dir, quantization_config=mapping, dtype=torch.bfloat16
+    )
+    assert torch.equal(run_pipeline(ours), run_pipeline(theirs))
+
+    bnb_options = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    backend = diffusers.PipelineQuantizationConfig(
+        quant_backend="bitsandbytes_4bit", quant_kwargs=bnb_options, components_to_quantize=["text_encoder_2"]
+    )
+    pipe = qcore.load_pipeline(diffusers.FluxPipeline, flux_dir, quantization_config=backend)
+    assert isinstance(pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q, bnb.nn.Linear4bit)
+    assert not getattr(pipe.transformer, "is_quantized", False)
+    # diffusers ignores a component name the pipeline lacks; qcore names it.
+    typo = diffusers.PipelineQuantizationConfig(
+        quant_backend="bitsandbytes_4bit", quant_kwargs=bnb_options, components_to_quantize=["text_encoder_3"]
+    )
+    with pytest.raises(qcore.ConfigError, match="no component 'text_encoder_3'"):
+        qcore.load_pipeline(diffusers.FluxPipeline, flux_dir, quantization_config=typo)

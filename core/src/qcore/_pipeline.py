@@ -44,7 +44,7 @@ def load_pipeline(
     pipeline_cls: type[P],
     pretrained_model_name_or_path: str | os.PathLike[str],
     *,
-    quantization_config: QuantizationConfig | Mapping[str, Any] | None = None,
+    quantization_config: QuantizationConfig | Mapping[str, Any] | Any | None = None,
     components: Sequence[str] | None = None,
     torch_dtype: torch.dtype | None = None,
     dtype: torch.dtype | None = None,
@@ -61,7 +61,8 @@ def load_pipeline(
 
     ``quantization_config`` is one config (any backend) applied to ``components``, or by default to
     the denoiser and the large text encoders (see :func:`default_quantized_components`); or a mapping
-    ``{component name: config}``, whose configs may be of different backends. Components already
+    ``{component name: config}``, whose configs may be of different backends; or diffusers'
+    ``PipelineQuantizationConfig`` (its names are checked too). Components already
     quantized on disk load quantized without any config. Other keyword arguments go to the pipeline
     class's ``from_pretrained`` (for example a component object to use as is).
     """
@@ -169,13 +170,21 @@ def quantization_plan(
                 option="components",
             )
         return {}
-    if isinstance(quantization_config, Mapping) and "quant_method" not in quantization_config:
+    chosen: ComponentConfigs
+    if _is_pipeline_quantization_config(quantization_config):
+        if components is not None:
+            raise ConfigError(
+                "a PipelineQuantizationConfig names its components itself; drop components=",
+                option="components",
+            )
+        chosen = _from_pipeline_quantization_config(quantization_config, entries, models)
+    elif isinstance(quantization_config, Mapping) and "quant_method" not in quantization_config:
         if components is not None:
             raise ConfigError(
                 "quantization_config is already a mapping of component -> config; drop components=",
                 option="components",
             )
-        chosen: ComponentConfigs = quantization_config
+        chosen = quantization_config
     else:
         names = list(components) if components is not None else default_quantized_components(model_index)
         if isinstance(components, str):
@@ -198,6 +207,41 @@ def quantization_plan(
             option=not_models[0],
         )
     return {name: config for name, config in chosen.items() if config is not None}
+
+
+def _is_pipeline_quantization_config(obj: Any) -> bool:
+    cls = type(obj)
+    return cls.__name__ == "PipelineQuantizationConfig" and cls.__module__.startswith("diffusers.")
+
+
+def _from_pipeline_quantization_config(
+    config: Any, entries: Mapping[str, tuple[str, str]], models: Mapping[str, type]
+) -> dict[str, Any]:
+    """diffusers' PipelineQuantizationConfig as {component: config}, read as diffusers reads it: its
+    quant_mapping, or its quant_backend for components_to_quantize (all models when not given). The
+    configs are diffusers' and transformers' own classes, which qcore's backends read."""
+    if config.quant_mapping is not None:
+        return dict(config.quant_mapping)
+    from diffusers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING as for_diffusers
+
+    try:
+        from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING as for_transformers
+    except ImportError:
+        for_transformers = {}
+    names = config.components_to_quantize or list(models)
+    names = [names] if isinstance(names, str) else list(names)
+    chosen: dict[str, Any] = {}
+    for name in names:
+        library = entries.get(name, ("diffusers", ""))[0]
+        table = for_transformers if library == "transformers" else for_diffusers
+        if config.quant_backend not in table:
+            raise ConfigError(
+                f"PipelineQuantizationConfig quant_backend {config.quant_backend!r} has no {library} config "
+                f"class for component {name!r}; choose one of {', '.join(sorted(table))}",
+                option="quant_backend",
+            )
+        chosen[name] = table[config.quant_backend](**config.quant_kwargs)
+    return chosen
 
 
 def make_saves_atomic(pipe: Any) -> None:
