@@ -396,3 +396,25 @@ def test_diffusers_pipeline_quantization_config_is_accepted_and_checked(flux_dir
     )
     with pytest.raises(qcore.ConfigError, match="no component 'text_encoder_3'"):
         qcore.load_pipeline(diffusers.FluxPipeline, flux_dir, quantization_config=typo)
+
+
+def test_hub_id_from_the_local_cache(flux_dir: Path, tmp_path: Path) -> None:
+    """A hub id resolves through diffusers' own download (here from a hub cache, offline)."""
+    import shutil
+
+    cache = tmp_path / "hub"
+    revision = "0" * 40
+    snapshot = cache / "models--tiny--flux" / "snapshots" / revision
+    shutil.copytree(flux_dir, snapshot)
+    (cache / "models--tiny--flux" / "refs").mkdir(parents=True)
+    (cache / "models--tiny--flux" / "refs" / "main").write_text(revision)
+    pipe = qcore.load_pipeline(
+        diffusers.FluxPipeline,
+        "tiny/flux",
+        quantization_config=int8wo(),
+        torch_dtype=torch.bfloat16,
+        cache_dir=cache,
+        local_files_only=True,
+    )
+    assert pipe.transformer.is_quantized and pipe.text_encoder_2.is_quantized
+    assert run_pipeline(pipe).shape == (1, 16, 4)
