@@ -107,6 +107,23 @@ def test_link_to_a_checkpoint_is_followed_and_kept(models: dict[str, Any], tmp_p
     assert leftovers(real.parent) == [] and leftovers(tmp_path) == []
 
 
+def test_mount_point_as_target(
+    models: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Mounting needs privileges the tests do not have: the target is declared a mount point instead.
+    target = tmp_path / "volume"
+    before = _existing(target, models)
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == target or real_ismount(path))
+    with pytest.raises(qcore.CheckpointWriteError, match="mount point") as info:
+        qcore.save_pretrained(models["int8"], target)
+    assert info.value.errno == errno.EBUSY
+    _assert_untouched(target, before)
+    monkeypatch.undo()
+    qcore.save_pretrained(models["int8"], target / "ckpt")  # what the message advises
+    assert TinyTransformer.from_pretrained(target / "ckpt").is_quantized
+
+
 @pytest.fixture
 def shared_tmp() -> Iterator[Path]:
     """A root-owned 0755 directory that another user can read but not write (pytest's tmp_path is 0700)."""

@@ -296,6 +296,14 @@ def _resolve_target(target: Path) -> Path:
             path=str(target),
             errno=errno.ENOTDIR,
         )
+    if target.is_dir() and os.path.ismount(target):
+        # A mount point cannot be renamed: it would be copied to the parent's file system and then fail.
+        raise CheckpointWriteError(
+            f"cannot write {target}: it is a mount point, which cannot be replaced as a whole; save into a "
+            "directory inside it",
+            path=str(target),
+            errno=errno.EBUSY,
+        )
     if target.is_dir() and not os.access(target, os.W_OK):
         # Writing into it would fail; replacing it through the parent would override its owner's wish.
         raise CheckpointWriteError(
