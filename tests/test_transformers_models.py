@@ -283,3 +283,58 @@ def test_causal_lm_with_tied_head(tmp_path: Path) -> None:
     options = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     nf4 = qcore.from_pretrained(cls, tmp_path / "llama", quantization_config=BitsAndBytesConfig(**options))
     assert quantized_linears(nf4) == transformers_bnb_selection(cls, config, options)
+
+
+def test_checkpoint_transformers_renames_on_load(tmp_path: Path) -> None:
+    """Qwen2.5-VL (QwenImage's text encoder): transformers 5 saves it as model.layers.* / visual.* and
+    renames the keys on load; qcore applies the same renames."""
+    cls = transformers.Qwen2_5_VLForConditionalGeneration
+    config = transformers.Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            out_hidden_size=32,
+            patch_size=2,
+            spatial_merge_size=1,
+            temporal_patch_size=1,
+            fullatt_block_indexes=[0],
+        ),
+    )
+    torch.manual_seed(0)
+    cls(config).to(torch.bfloat16).save_pretrained(tmp_path / "vl")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "vl" / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.mlp.up_proj.weight" in f.keys()  # the legacy naming on disk
+    ids = torch.tensor([[3, 4, 5, 6]])
+
+    def logits(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model(ids).logits
+
+    assert torch.equal(
+        logits(qcore.from_pretrained(cls, tmp_path / "vl")), logits(cls.from_pretrained(tmp_path / "vl"))
+    )
+    ours = qcore.from_pretrained(
+        cls, tmp_path / "vl", quantization_config=TorchAoConfig(Int8WeightOnlyConfig())
+    )
+    theirs = cls.from_pretrained(
+        tmp_path / "vl", quantization_config=transformers.TorchAoConfig(Int8WeightOnlyConfig())
+    )
+    assert quantized_linears(ours) == quantized_linears(theirs)
+    assert "model.language_model.layers.0.mlp.up_proj" in quantized_linears(ours)
+    assert torch.equal(logits(ours), logits(theirs))
+    ours.save_pretrained(tmp_path / "vl-int8")  # qcore writes the model's own names; both libraries read them
+    assert torch.equal(logits(cls.from_pretrained(tmp_path / "vl-int8")), logits(ours))
+    assert torch.equal(logits(qcore.from_pretrained(cls, tmp_path / "vl-int8")), logits(ours))

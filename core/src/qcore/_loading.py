@@ -165,6 +165,7 @@ def from_pretrained(
         load_dtype = torch_dtype or checkpoint.dtype
         clock.lap("prepare")
         model = build_skeleton(model_cls, config, checkpoint, files.config_path)
+        reader = family_of(model).renamed_reader(model, reader)
         clock.lap("skeleton")
         keep_fp32 = keep_in_fp32(model, quant, keep_in_fp32_modules, load_dtype)
         preprocess(model, quant, load_dtype, device_map, keep_fp32, checkpoint)

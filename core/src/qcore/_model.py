@@ -78,6 +78,10 @@ class ModelFamily:
         """The tensors to save (a tied weight once)."""
         return model.state_dict()
 
+    def renamed_reader(self, model: torch.nn.Module, reader: Any) -> Any:
+        """The checkpoint reader under the model's key names (the library's renames on load applied)."""
+        return reader
+
 
 class DiffusersFamily(ModelFamily):
     name = "diffusers"
@@ -154,6 +158,37 @@ class TransformersFamily(ModelFamily):
         model.tie_weights(missing_keys=set(missing), recompute_mapping=False)  # type: ignore[operator]
         parameters = model.state_dict(keep_vars=True)
         return [name for name in missing if name not in parameters or parameters[name].is_meta]
+
+    def renamed_reader(self, model: torch.nn.Module, reader: Any) -> Any:
+        # transformers 5 renames the keys of some checkpoints on load (its conversion mappings: e.g.
+        # Qwen2.5-VL's "model.layers.*" -> "model.language_model.layers.*"); qcore applies the pure renames.
+        expected = model.state_dict(keep_vars=True)
+        if all(key in expected for key in reader.keys):
+            return reader
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        except ImportError:
+            return reader
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        prefix = getattr(model, "base_model_prefix", None)
+        file_keys: dict[str, str] = {}
+        for key in reader.keys:
+            renamed, converted_by = rename_source_key(key, renamings, converters, prefix, expected)
+            if converted_by is not None:
+                raise ConfigError(
+                    f"{reader.files.location}: transformers converts {key!r} on load ({converted_by}), which "
+                    f"qcore does not do for {type(model).__name__}; load this model with transformers",
+                    option="pretrained_model_name_or_path",
+                )
+            file_keys[renamed] = key
+        if all(new == old for new, old in file_keys.items()):
+            return reader
+        from ._renamed import RenamedReader
+
+        return RenamedReader(reader, file_keys)
 
     def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         # As transformers saves: the target of a tie is left out, its source holds the tensor.
