@@ -162,7 +162,7 @@ def test_permission_denied(case: str, models: dict[str, Any], shared_tmp: Path) 
     _, (_, outcome, code, message) = wait_child(pid, report)
     assert (outcome, int(code)) == ("CheckpointWriteError", errno.EACCES), message
     assert message.startswith(f"cannot write {denied}: ")
-    assert ("left as it was" if before is not None else "nothing was created") in message
+    assert ("left as it was" if before is not None else "Nothing was created") in message
     _assert_untouched(target, before)
 
 
@@ -189,7 +189,7 @@ def test_write_fails_midway(
     assert (outcome, int(code)) == ("CheckpointWriteError", errno.EFBIG), message
     name = "diffusion_pytorch_model.safetensors" if safe_serialization else "diffusion_pytorch_model.bin"
     assert f"cannot write {target / name}: File too large [EFBIG]" in message and "max_shard_size" in message
-    assert ("left as it was" if existing else "nothing was created") in message
+    assert ("left as it was" if existing else "Nothing was created") in message
     _assert_untouched(target, before)
 
 
@@ -311,7 +311,7 @@ def test_injected_fault(
     message = str(info.value)
     assert info.value.errno == code and f"[{errno.errorcode[code]}]" in message
     assert ".qcore-tmp" not in message and str(tmp_path) in info.value.path
-    assert ("left as it was" if existing else "nothing was created") in message
+    assert ("left as it was" if existing else "Nothing was created") in message
     _assert_untouched(target, before)
     qcore.save_pretrained(models["int8"], target)  # and the next save works
     assert TinyTransformer.from_pretrained(target).is_quantized

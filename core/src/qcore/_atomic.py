@@ -261,9 +261,9 @@ def write_error(
         reason = f"{reason} [{errno.errorcode[code]}]"
     advice = _ADVICE.get(code or 0, "check the path and the file system")
     state = (
-        f"the checkpoint already at {target} was left as it was"
+        f"The checkpoint already at {target} was left as it was"
         if existed
-        else f"nothing was created at {target}"
+        else f"Nothing was created at {target}"
     )
     return CheckpointWriteError(
         f"cannot write {path}: {reason}; {advice}. {state}.", path=str(path), errno=code
