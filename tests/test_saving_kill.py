@@ -259,6 +259,14 @@ def test_links_and_files_named_like_leftovers_are_not_followed(tmp_path: Path) -
     assert (precious / "data").read_text() == "keep"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another user")
+def test_another_users_leftover_is_not_touched(tmp_path: Path) -> None:
+    """In a shared directory (/tmp) anyone can plant a ".x.<hex>.qcore-old" to be "restored" as x."""
+    planted = _make_leftover(tmp_path, ".ckpt.0123abcd.qcore-old", None)
+    os.chown(planted, 65534, 65534)
+    assert _atomic.remove_leftovers(tmp_path) == [] and planted.exists() and not (tmp_path / "ckpt").exists()
+
+
 @pytest.mark.parametrize("original_exists", [False, True])
 def test_an_old_copy_is_restored_only_when_its_directory_is_missing(
     original_exists: bool, tmp_path: Path

@@ -175,6 +175,15 @@ def _is_at(fd: int | None, path: Path) -> bool:
     return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
+def _is_mine(path: Path) -> bool:
+    if not hasattr(os, "geteuid"):
+        return True
+    try:
+        return os.lstat(path).st_uid == os.geteuid()
+    except OSError:
+        return False
+
+
 def _owner_is_alive(directory: Path) -> bool:
     """Whether the ``.qcore-owner`` record names another live process on this host."""
     try:
@@ -203,7 +212,8 @@ def remove_leftovers(parent: str | os.PathLike[str]) -> list[Path]:
 
     ``.qcore-tmp`` directories are deleted, a ``.qcore-old`` directory is renamed back to its name when
     that name is missing (a kill between the two renames of the fallback replace) and deleted otherwise.
-    One whose lock another process holds, or whose owner record names a live process here, is left alone.
+    One whose lock another process holds, whose owner record names a live process here, or that another
+    user owns, is left alone.
     Failures are logged, never raised: cleaning up must not stop a save.
     """
     parent = Path(parent)
@@ -222,6 +232,8 @@ def remove_leftovers(parent: str | os.PathLike[str]) -> list[Path]:
         except OSError:
             continue  # gone, not a directory, or a symbolic link: not ours to touch
         try:
+            if not _is_mine(path):
+                continue  # another user's: in a shared directory it may be planted, not left by a save
             locked = _lock(fd, wait=False)
             if locked is False or not _is_at(fd, path) or _owner_is_alive(path):
                 continue
