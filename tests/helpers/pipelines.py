@@ -274,3 +274,99 @@ def run_wan(pipe: Any, steps: int = 2, seed: int = 0) -> torch.Tensor:
             generator=torch.Generator().manual_seed(seed),
             output_type="latent",
         ).frames
+
+
+def qwen_tokenizer() -> Any:
+    """A byte-level Qwen2Tokenizer with no merges: every byte is a token (round-trips through save)."""
+    from transformers import Qwen2Tokenizer
+
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
+    vocab = {c: i for i, c in enumerate(chars)}
+    for token in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[token] = len(vocab)
+    return Qwen2Tokenizer(vocab=vocab, merges=[], pad_token="<|endoftext|>", eos_token="<|im_end|>")
+
+
+def tiny_qwenimage_pipeline(directory: Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Any:
+    """A random tiny QwenImagePipeline: a Qwen2_5_VLForConditionalGeneration text encoder."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=3,
+        joint_attention_dim=16,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=24,
+        z_dim=4,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "vocab_size": 300,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "rope_theta": 1000000.0,
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_heads": 2,
+            "out_hidden_size": 16,
+        },
+        hidden_size=16,
+        vocab_size=300,
+        vision_end_token_id=297,
+        vision_start_token_id=298,
+        vision_token_id=299,
+    )
+    pipe = QwenImagePipeline(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=Qwen2_5_VLForConditionalGeneration(config),
+        tokenizer=qwen_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    ).to(dtype)
+    pipe.save_pretrained(directory)
+    return pipe
+
+
+def run_qwenimage(pipe: Any, steps: int = 2, seed: int = 0) -> torch.Tensor:
+    with torch.no_grad():
+        return pipe(
+            "a photo of a red cat",
+            height=32,
+            width=32,
+            num_inference_steps=steps,
+            true_cfg_scale=1.0,
+            max_sequence_length=16,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="latent",
+        ).images
