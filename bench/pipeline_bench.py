@@ -125,10 +125,10 @@ def flux_components(device: Any, size: str, seed: int = 0) -> dict[str, Any]:
         }
     generator = torch.Generator(device=device).manual_seed(seed)
     for model in models.values():
-        model.to_empty(device=device)
+        # bf16 while still on the meta device: the 11.9B transformer never exists in float32.
+        model.to(torch.bfloat16).to_empty(device=device)
         with torch.no_grad():
             for name, param in sorted(model.named_parameters()):
-                param.data = param.data.to(torch.bfloat16)
                 if param.dim() == 1 and name.endswith("weight"):
                     param.fill_(1.0)
                 else:
