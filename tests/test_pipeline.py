@@ -422,3 +422,15 @@ def test_hub_id_from_the_local_cache(flux_dir: Path, tmp_path: Path) -> None:
     )
     assert pipe.transformer.is_quantized and pipe.text_encoder_2.is_quantized
     assert run_pipeline(pipe).shape == (1, 16, 4)
+
+
+def test_dtype_change_of_a_quantized_pipeline_is_refused_before_any_cast(flux_dir: Path) -> None:
+    pipe = qcore.load_pipeline(
+        diffusers.FluxPipeline, flux_dir, quantization_config=int8wo(), torch_dtype=torch.bfloat16
+    )
+    with pytest.raises(qcore.DtypeCastError, match="text_encoder_2, transformer"):
+        pipe.to(torch.float16)
+    with pytest.raises(qcore.DtypeCastError):
+        pipe.to("cpu", dtype=torch.float16)
+    assert {p.dtype for p in pipe.vae.parameters()} == {torch.bfloat16}  # nothing was cast
+    assert pipe.to("cpu") is pipe  # moving is fine

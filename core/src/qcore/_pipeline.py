@@ -22,7 +22,7 @@ import torch
 from ._atomic import atomic_directory
 from ._checkpoint import read_json
 from ._config import QuantizationConfig
-from ._errors import CheckpointNotFoundError, ConfigError
+from ._errors import CheckpointNotFoundError, ConfigError, DtypeCastError
 from ._helpers import version_at_least
 from ._loading import from_pretrained
 
@@ -259,12 +259,32 @@ def make_saves_atomic(pipe: Any) -> None:
                 "__qualname__": cls.__qualname__,
                 "_qcore_atomic_save": True,
                 "save_pretrained": _save_pipeline_atomically,
+                "to": _to_checking_dtype,
             },
         )
     pipe.__class__ = _atomic_classes[cls]
 
 
 _atomic_classes: dict[type, type] = {}
+
+
+def _to_checking_dtype(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """diffusers' ``pipe.to``, refusing a dtype change up front when a component is quantized, so that a
+    refused cast never leaves the pipeline half converted (diffusers casts component by component)."""
+    dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
+    if dtype is not None:
+        quantized = sorted(
+            name
+            for name, component in self.components.items()
+            if isinstance(component, torch.nn.Module) and getattr(component, "is_quantized", False)
+        )
+        if quantized:
+            raise DtypeCastError(
+                f"pipe.to({dtype}): {', '.join(quantized)} are quantized and keep their dtype; nothing was "
+                "cast. Move the pipeline with pipe.to(device), and choose the other components' dtype with "
+                "torch_dtype= when loading"
+            )
+    return super(type(self), self).to(*args, **kwargs)
 
 
 def _save_pipeline_atomically(self: Any, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
