@@ -338,3 +338,22 @@ def test_checkpoint_transformers_renames_on_load(tmp_path: Path) -> None:
     ours.save_pretrained(tmp_path / "vl-int8")  # qcore writes the model's own names; both libraries read them
     assert torch.equal(logits(cls.from_pretrained(tmp_path / "vl-int8")), logits(ours))
     assert torch.equal(logits(qcore.from_pretrained(cls, tmp_path / "vl-int8")), logits(ours))
+
+
+def test_nf4_checkpoint_reloads_in_transformers(saved: dict[str, Path], tmp_path: Path) -> None:
+    """transformers runs bitsandbytes on CPU too: qcore's nf4 T5 reloads there with the same bytes."""
+    cls = transformers.T5EncoderModel
+    options = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    ours = qcore.from_pretrained(
+        cls,
+        saved["T5EncoderModel"],
+        quantization_config=BitsAndBytesConfig(**options),
+        torch_dtype=torch.bfloat16,
+    )
+    ours.save_pretrained(tmp_path / "nf4")
+    theirs = cls.from_pretrained(tmp_path / "nf4")
+    for module in theirs.modules():
+        if isinstance(module, bnb.nn.Linear4bit):  # the portable CPU kernel, as qcore-bnb uses
+            module.support_avx512bf16_for_cpu = False
+    assert quantized_linears(theirs) == quantized_linears(ours)
+    assert torch.equal(output(theirs), output(ours))
