@@ -281,9 +281,9 @@ class TorchAoQuantizer(qcore.Quantizer):
         grid = tuple(n // b for n, b in zip(shape, block, strict=True))
         qdata = parts.get("qdata")
         if kind in UNPACKED_TYPES and qdata is not None and tuple(qdata.shape) != shape:
-            raise qcore.CorruptCheckpointError(
-                f"{self._where}: {flattened_key(param_name, 'qdata')!r} has shape {tuple(qdata.shape)}, "
-                f"{param_name!r} of the model needs {shape}. {ADVICE}"
+            raise qcore.ShapeMismatchError(
+                f"{self._where}: {param_name!r} would rebuild from {flattened_key(param_name, 'qdata')!r} of "
+                f"shape {tuple(qdata.shape)}; the model's weight has shape {shape}. {ADVICE}"
             )
         for part in BLOCK_STAT_PARTS:
             tensor = parts.get(part)
