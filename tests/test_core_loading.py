@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import qcore
 from helpers.int8_backend import Int8Linear, Int8TestConfig, Int8TestQuantizer
-from helpers.models import TinyTransformer, flux_inputs, make_tiny, tiny_flux_config
+from helpers.models import TinyTransformer, flux_inputs, tiny_flux_config
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -42,7 +42,11 @@ def test_float8_torch_dtype_casts_as_tensors_load(tiny_ckpt: Path) -> None:
 
 
 def test_quantize_on_load_save_reload_round_trip(
-    int8_backend: qcore.Backend, tiny_ckpt: Path, tiny_model: TinyTransformer, tiny_input: torch.Tensor, tmp_path: Path
+    int8_backend: qcore.Backend,
+    tiny_ckpt: Path,
+    tiny_model: TinyTransformer,
+    tiny_input: torch.Tensor,
+    tmp_path: Path,
 ) -> None:
     config = Int8TestConfig()
     quantized = TinyTransformer.from_pretrained(tiny_ckpt, quantization_config=config)
@@ -56,7 +60,11 @@ def test_quantize_on_load_save_reload_round_trip(
     saved = tmp_path / "int8"
     quantized.save_pretrained(saved)
     on_disk = json.loads((saved / "config.json").read_text())
-    assert on_disk["quantization_config"] == {"quant_method": "int8-test", "modules_to_not_convert": None, "compute_dtype": "bfloat16"}
+    assert on_disk["quantization_config"] == {
+        "quant_method": "int8-test",
+        "modules_to_not_convert": None,
+        "compute_dtype": "bfloat16",
+    }
     assert on_disk["_pre_quantization_dtype"] == "bfloat16"
     assert on_disk["_class_name"] == "TinyTransformer"
 
@@ -114,7 +122,9 @@ def test_module_matches() -> None:
 
 
 def test_keep_in_fp32_modules(tiny_ckpt: Path) -> None:
-    model = TinyTransformer.from_pretrained(tiny_ckpt, keep_in_fp32_modules=["norm_out"], torch_dtype=torch.float16)
+    model = TinyTransformer.from_pretrained(
+        tiny_ckpt, keep_in_fp32_modules=["norm_out"], torch_dtype=torch.float16
+    )
     assert model.norm_out.weight.dtype == torch.float32
     assert model.proj_in.weight.dtype == torch.float16
 
@@ -147,7 +157,10 @@ def test_config_dict_form_and_equality(int8_backend: qcore.Backend) -> None:
     again = Int8TestConfig.from_dict(json.loads(config.to_json_string()))
     assert again == config and again is not config
     assert "Int8TestConfig" in repr(config) and '"a"' in repr(config)
-    assert json.loads(config.to_json_string(use_diff=True)) == {"quant_method": "int8-test", "modules_to_not_convert": ["a"]}
+    assert json.loads(config.to_json_string(use_diff=True)) == {
+        "quant_method": "int8-test",
+        "modules_to_not_convert": ["a"],
+    }
 
 
 def test_diffusers_flux_round_trip(int8_backend: qcore.Backend, tmp_path: Path) -> None:
@@ -161,7 +174,9 @@ def test_diffusers_flux_round_trip(int8_backend: qcore.Backend, tmp_path: Path) 
     plain = qcore.from_pretrained(FluxTransformer2DModel, tmp_path / "bf16")
     assert torch.equal(plain(**flux_inputs())[0], ref)
 
-    quantized = qcore.from_pretrained(FluxTransformer2DModel, tmp_path / "bf16", quantization_config=Int8TestConfig())
+    quantized = qcore.from_pretrained(
+        FluxTransformer2DModel, tmp_path / "bf16", quantization_config=Int8TestConfig()
+    )
     out = quantized(**flux_inputs())[0]
     assert rel_err(out, ref) < 0.03
     assert quantized.config.quantization_config.quant_method == "int8-test"
@@ -172,13 +187,19 @@ def test_diffusers_flux_round_trip(int8_backend: qcore.Backend, tmp_path: Path) 
     config = FluxTransformer2DModel.load_config(tmp_path / "int8")
     assert config["quantization_config"]["quant_method"] == "int8-test"
     # A quantized diffusers model refuses dtype casts like a qcore model, and stays a Flux model.
-    assert isinstance(reloaded, FluxTransformer2DModel) and type(reloaded).__name__ == "FluxTransformer2DModel"
+    assert (
+        isinstance(reloaded, FluxTransformer2DModel) and type(reloaded).__name__ == "FluxTransformer2DModel"
+    )
     for cast in (lambda m: m.to(torch.float16), lambda m: m.bfloat16(), lambda m: m.double()):
-        with pytest.raises(qcore.DtypeCastError, match="FluxTransformer2DModel is quantized with 'int8-test'"):
+        with pytest.raises(
+            qcore.DtypeCastError, match="FluxTransformer2DModel is quantized with 'int8-test'"
+        ):
             cast(reloaded)
 
 
-def test_bin_checkpoints_load_with_weights_only(tiny_model: TinyTransformer, tiny_input: torch.Tensor, tmp_path: Path) -> None:
+def test_bin_checkpoints_load_with_weights_only(
+    tiny_model: TinyTransformer, tiny_input: torch.Tensor, tmp_path: Path
+) -> None:
     qcore.save_pretrained(tiny_model, tmp_path / "bin", safe_serialization=False, max_shard_size="10KB")
     assert (tmp_path / "bin" / "diffusion_pytorch_model.bin.index.json").exists()
     model = TinyTransformer.from_pretrained(tmp_path / "bin")
@@ -212,7 +233,9 @@ def test_hub_ids_resolve_through_the_huggingface_cache(
         "acme/tiny", subfolder="transformer", cache_dir=tmp_path / "cache", local_files_only=True
     )
     assert torch.equal(model(tiny_input), tiny_model(tiny_input))
-    with pytest.raises(qcore.CheckpointNotFoundError, match="acme/other.*not in the local Hugging Face cache"):
+    with pytest.raises(
+        qcore.CheckpointNotFoundError, match="acme/other.*not in the local Hugging Face cache"
+    ):
         TinyTransformer.from_pretrained("acme/other", cache_dir=tmp_path / "cache", local_files_only=True)
 
 
@@ -237,11 +260,15 @@ def test_observer_wrapper_sees_lifecycle(int8_backend: qcore.Backend, tiny_ckpt:
     assert "blocks.0.attn.weight" in seen
 
 
-def test_dequantize_restores_plain_linears(int8_backend: qcore.Backend, tiny_ckpt: Path, tiny_input: torch.Tensor) -> None:
+def test_dequantize_restores_plain_linears(
+    int8_backend: qcore.Backend, tiny_ckpt: Path, tiny_input: torch.Tensor
+) -> None:
     model = TinyTransformer.from_pretrained(tiny_ckpt, quantization_config=Int8TestConfig())
     out = model(tiny_input)
     model.dequantize()
-    assert type(model.blocks[0].attn) is torch.nn.Linear and model.blocks[0].attn.weight.dtype == torch.bfloat16
+    assert (
+        type(model.blocks[0].attn) is torch.nn.Linear and model.blocks[0].attn.weight.dtype == torch.bfloat16
+    )
     assert not model.is_quantized and "quantization_config" not in model.config
     assert rel_err(model(tiny_input), out) < 0.02
     model.half()  # allowed again
@@ -255,7 +282,11 @@ def test_save_keeps_unrelated_files_and_replaces_old_shards(
     (target / "README.md").write_text("model card")
     quantized = TinyTransformer.from_pretrained(tiny_ckpt, quantization_config=Int8TestConfig())
     qcore.save_pretrained(quantized, target)
-    assert sorted(p.name for p in target.iterdir()) == ["README.md", "config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in target.iterdir()) == [
+        "README.md",
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -275,7 +306,9 @@ def test_import_qcore_imports_no_backend() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_per_parameter_hooks_reach_every_plugin_through_pluggy(int8_backend: qcore.Backend, tiny_ckpt: Path) -> None:
+def test_per_parameter_hooks_reach_every_plugin_through_pluggy(
+    int8_backend: qcore.Backend, tiny_ckpt: Path
+) -> None:
     # A plain (non-wrapper) observer implementation runs for every parameter group, beside the backend's.
     seen: list[str] = []
 
@@ -284,7 +317,9 @@ def test_per_parameter_hooks_reach_every_plugin_through_pluggy(int8_backend: qco
         def check_if_quantized_param(self, param_name: str) -> None:
             seen.append(param_name)
 
-    model = TinyTransformer.from_pretrained(tiny_ckpt, quantization_config=Int8TestConfig(), observers=[Watcher()])
+    model = TinyTransformer.from_pretrained(
+        tiny_ckpt, quantization_config=Int8TestConfig(), observers=[Watcher()]
+    )
     with safe_open(str(tiny_ckpt / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert sorted(seen) == sorted(f.keys())
     assert isinstance(model.blocks[0].attn, Int8Linear)  # the observer's None left the backend's answer

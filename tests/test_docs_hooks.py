@@ -39,7 +39,8 @@ def render() -> str:
     out = [
         "# Hook reference",
         "",
-        "<!-- Generated from core/src/qcore/_hookspecs.py by `python tests/test_docs_hooks.py`; do not edit. -->",
+        "<!-- Generated from core/src/qcore/_hookspecs.py by `python tests/test_docs_hooks.py`; "
+        "do not edit. -->",
         "",
         intro,
         "",
@@ -54,7 +55,8 @@ def render() -> str:
     hooks = hook_functions()
     for name, fn in hooks:
         opts = getattr(fn, f"{PROJECT}_spec")
-        out.append(f"| [`{name}`](#{name}) | {'firstresult' if opts.get('firstresult') else 'every implementation'} |")
+        kind = "firstresult" if opts.get("firstresult") else "every implementation"
+        out.append(f"| [`{name}`](#{name}) | {kind} |")
     for name, fn in hooks:
         opts = getattr(fn, f"{PROJECT}_spec")
         signature = str(inspect.signature(fn)).replace("'", "")

@@ -5,6 +5,7 @@ QCORE_DISABLE_PLUGIN_AUTOLOAD control discovery."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, env: envs.FreshEnv) ->
         target = root / method
         target.mkdir()
         for f in (root / "bf16").iterdir():
-            (target / f.name).symlink_to(f)
-        (target / "config.json").unlink()
+            if f.name != "config.json":  # copies: a weight file linking out of its checkpoint is refused
+                shutil.copy(f, target / f.name)
         config = json.loads((root / "bf16" / "config.json").read_text())
         config["quantization_config"] = {"quant_method": method}
         (target / "config.json").write_text(json.dumps(config))
@@ -86,7 +87,12 @@ def test_working_backend_loads_beside_broken_ones(env: envs.FreshEnv, checkpoint
     result = env.run_json(LOAD_INT8.format(path=str(checkpoints / "bf16")))
     assert result["layer"] == "Int8Linear"
     # A load imports only the backend it names: the broken distributions are never touched.
-    assert result["imported"] == ["qcore_int8", "qcore_int8._config", "qcore_int8._linear", "qcore_int8._quantizer"]
+    assert result["imported"] == [
+        "qcore_int8",
+        "qcore_int8._config",
+        "qcore_int8._linear",
+        "qcore_int8._quantizer",
+    ]
 
 
 def test_available_backends_reports_each_problem_by_distribution(env: envs.FreshEnv) -> None:
@@ -157,13 +163,17 @@ def test_allow_list_picks_one_of_two_claimants(env: envs.FreshEnv, checkpoints: 
     assert "not in QCORE_PLUGINS" in out["broken-import"]["message"]
 
 
-def test_allow_list_excludes_unlisted_working_backend(env: envs.FreshEnv, checkpoints: Path, tmp_path: Path) -> None:
+def test_allow_list_excludes_unlisted_working_backend(
+    env: envs.FreshEnv, checkpoints: Path, tmp_path: Path
+) -> None:
     made = tmp_path / "int8"
     env.run_json(
         f"""
         import qcore
         from qcore.testing import ConformanceModel
-        m = qcore.from_pretrained(ConformanceModel, {str(checkpoints / "bf16")!r}, quantization_config={{"quant_method": "int8"}})
+        m = qcore.from_pretrained(
+            ConformanceModel, {str(checkpoints / "bf16")!r}, quantization_config={{"quant_method": "int8"}}
+        )
         qcore.save_pretrained(m, {str(made)!r})
         print("{{}}")
         """
@@ -182,14 +192,20 @@ def test_disable_autoload(env: envs.FreshEnv, checkpoints: Path) -> None:
         from qcore.testing import ConformanceModel
         out = {{}}
         try:
-            qcore.from_pretrained(ConformanceModel, {str(checkpoints / "bf16")!r}, quantization_config={{"quant_method": "int8"}})
+            qcore.from_pretrained(
+                ConformanceModel,
+                {str(checkpoints / "bf16")!r},
+                quantization_config={{"quant_method": "int8"}},
+            )
         except qcore.BackendNotFoundError as exc:
             out["error"] = str(exc)
         out["imported"] = sorted(m for m in sys.modules if m.startswith("qcore_"))
         # An explicit registration still works with discovery off.
         import qcore_int8
         qcore.register_backend(qcore_int8.BACKEND)
-        model = qcore.from_pretrained(ConformanceModel, {str(checkpoints / "bf16")!r}, quantization_config={{"quant_method": "int8"}})
+        model = qcore.from_pretrained(
+            ConformanceModel, {str(checkpoints / "bf16")!r}, quantization_config={{"quant_method": "int8"}}
+        )
         out["layer"] = type(model.proj_in).__name__
         out["infos"] = [[i.quant_method, i.distribution, i.status] for i in qcore.available_backends()]
         print(json.dumps(out))

@@ -25,7 +25,9 @@ class StageTimer:
         self.quantizers: list[str] = []
 
     @qcore.hookimpl(wrapper=True)
-    def preprocess_model(self, quantizer: qcore.Quantizer, model: torch.nn.Module) -> Generator[None, Any, Any]:
+    def preprocess_model(
+        self, quantizer: qcore.Quantizer, model: torch.nn.Module
+    ) -> Generator[None, Any, Any]:
         self.quantizers.append(quantizer.quant_method)
         start = time.perf_counter()
         result = yield
@@ -45,7 +47,9 @@ class StageTimer:
 
 
 def _load(path: Path, **kwargs: Any) -> torch.nn.Module:
-    return qcore.from_pretrained(TinyTransformer, path, quantization_config={"quant_method": "int8-test"}, **kwargs)
+    return qcore.from_pretrained(
+        TinyTransformer, path, quantization_config={"quant_method": "int8-test"}, **kwargs
+    )
 
 
 def test_wrapper_observer_sees_calls_and_changes_nothing(
@@ -73,7 +77,9 @@ def test_hook_recorder_sees_the_whole_lifecycle(
     recorder = HookRecorder()
     model = _load(tiny_ckpt, observers=[recorder])
     load_calls = recorder.distinct()
-    assert [c for c in load_calls if c in LOAD_ORDER and c != "check_quantized_param_shape"][:5] == list(LOAD_ORDER[:5])
+    assert [c for c in load_calls if c in LOAD_ORDER and c != "check_quantized_param_shape"][:5] == list(
+        LOAD_ORDER[:5]
+    )
     assert load_calls[-2:] == ["update_missing_keys", "postprocess_model"]
     int8_layers = [m for m in model.modules() if type(m).__name__ == "Int8Linear"]
     assert int8_layers and recorder.count("create_quantized_param") == len(int8_layers)
