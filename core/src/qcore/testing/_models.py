@@ -29,7 +29,9 @@ class ConformanceModel(ModelMixin):
 
     _no_split_modules = ["ConformanceBlock"]
 
-    def __init__(self, in_features: int = 128, hidden: int = 256, depth: int = 2, out_features: int = 128) -> None:
+    def __init__(
+        self, in_features: int = 128, hidden: int = 256, depth: int = 2, out_features: int = 128
+    ) -> None:
         super().__init__()
         self.proj_in = nn.Linear(in_features, hidden)
         self.blocks = nn.ModuleList(ConformanceBlock(hidden) for _ in range(depth))
