@@ -50,13 +50,13 @@ SUPPORTED_VERSIONS: dict[str, tuple[tuple[int, ...], ...]] = {
 # The names diffusers and transformers file a quant_method under, where they differ from it.
 _LIBRARY_KEYS: dict[str, tuple[str, ...]] = {"bitsandbytes": ("bitsandbytes_4bit", "bitsandbytes_8bit")}
 
-# Fields transformers' config objects write that qcore backends do not have, with the value that
-# means "nothing to do"; any other value is a request qcore cannot honour, so it is an error.
 # (library, quant_method) pairs a library will not hand to another config class, with the reason.
 _UNSERVABLE: dict[tuple[str, str], str] = {
     ("transformers", "bitsandbytes"): "transformers accepts only its own BitsAndBytesConfig for it",
 }
 
+# Fields transformers' config objects write that qcore backends do not have, with the value that
+# means "nothing to do"; any other value is a request qcore cannot honour, so it is an error.
 _KNOWN_EXTRAS: dict[str, Any] = {"include_input_output_embeddings": False, "untie_embedding_weights": False}
 
 
@@ -169,7 +169,7 @@ def _backends(quant_methods: Iterable[str] | None) -> list[Backend]:
 
 def enable_bridge(
     *,
-    override: bool | Sequence[str] = False,
+    override: bool | str | Sequence[str] = False,
     libraries: Sequence[str] | None = None,
     quant_methods: Sequence[str] | None = None,
 ) -> BridgeState:
@@ -255,7 +255,7 @@ def _tables(library: str) -> tuple[dict[str, Any], dict[str, Any], type]:
 
 
 def _register(
-    library: str, backends: list[Backend], override: bool | Sequence[str], state: BridgeState
+    library: str, backends: list[Backend], override: bool | str | Sequence[str], state: BridgeState
 ) -> None:
     quantizers, configs, base = _tables(library)
     served, kept = state.served.setdefault(library, []), state.kept_native.setdefault(library, [])
@@ -263,13 +263,17 @@ def _register(
         method = backend.quant_method
         keys = _LIBRARY_KEYS.get(method, (method,))
         native = any(key in quantizers or key in configs for key in keys)
+        overridden = override is True or (
+            not isinstance(override, bool)
+            and method in ([override] if isinstance(override, str) else override)
+        )
         reason = _UNSERVABLE.get((library, method))
         if reason is not None:
-            if override is True or (not isinstance(override, bool) and method in override):
+            if overridden:
                 logger.warning("bridge: %s keeps its own %r backend: %s", library, method, reason)
             kept.append(method)
             continue
-        if native and not (override is True or (not isinstance(override, bool) and method in override)):
+        if native and not overridden:
             kept.append(method)
             continue
         adapter = type(
