@@ -12,7 +12,13 @@ from importlib.metadata import PackageNotFoundError, version
 from ._bridge import disable_bridge, enable_bridge
 from ._checkpoint import CheckpointFiles, locate_checkpoint
 from ._config import QuantizationConfig, merge_quantization_configs
-from ._converters import CONVERTERS_GROUP, KeyConverter, RowRange
+from ._converters import (
+    CONVERTERS_GROUP,
+    KeyConverter,
+    RowRange,
+    register_converter,
+    unregister_converter,
+)
 from ._errors import (
     BackendError,
     BackendLoadError,
@@ -34,7 +40,7 @@ from ._errors import (
     ShapeMismatchError,
     UnexpectedKeysError,
 )
-from ._formats import FORMATS_GROUP, CheckpointFormat, TensorInfo
+from ._formats import FORMATS_GROUP, CheckpointFormat, TensorInfo, register_format, unregister_format
 from ._helpers import (
     AUTO_DEVICE_MAPS,
     BatchedChecks,
@@ -97,6 +103,10 @@ __all__ = [
     "RowRange",
     "FORMATS_GROUP",
     "CONVERTERS_GROUP",
+    "register_format",
+    "unregister_format",
+    "register_converter",
+    "unregister_converter",
     # helpers for backends
     "split_param_name",
     "get_module_for_param",

@@ -81,11 +81,32 @@ def _allowed(name: str, distribution: str | None) -> bool:
     return name in allowed or (distribution is not None and distribution in allowed)
 
 
+_registered: dict[str, list[KeyConverter]] = {}
+
+
+def register_converter(converter: KeyConverter) -> KeyConverter:
+    """Use ``converter`` for ``converter.model_class`` in this process, before installed ones (tests,
+    notebooks); an installed distribution does the same through the ``qcore.converters`` group."""
+    if not isinstance(converter, KeyConverter) or not converter.model_class:
+        raise TypeError(f"{converter!r} is not a qcore.KeyConverter instance with a model_class")
+    found = _registered.setdefault(converter.model_class, [])
+    if converter not in found:
+        found.append(converter)
+    return converter
+
+
+def unregister_converter(converter: KeyConverter) -> None:
+    """Undo :func:`register_converter`."""
+    found = _registered.get(converter.model_class, [])
+    if converter in found:
+        found.remove(converter)
+
+
 def converters_for(model_class_name: str) -> list[KeyConverter]:
-    """The installed converters for a model class (imported now), in entry-point order."""
+    """The converters for a model class: registered in-process, then installed ones (imported now)."""
+    found = list(_registered.get(model_class_name, []))
     if os.environ.get("QCORE_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower() not in ("", "0", "false"):
-        return []
-    found = []
+        return found
     for entry in entry_points(group=CONVERTERS_GROUP, name=model_class_name):
         distribution = entry.dist.name if entry.dist else None
         if not _allowed(model_class_name, distribution):

@@ -168,12 +168,48 @@ def _allowed(name: str, distribution: str | None) -> bool:
     return name in allowed or (distribution is not None and distribution in allowed)
 
 
+_registered: dict[str, type[CheckpointFormat]] = {}
+
+
+def _suffix_names(format_class: type[CheckpointFormat]) -> list[str]:
+    if not (isinstance(format_class, type) and issubclass(format_class, CheckpointFormat)):
+        raise TypeError(f"{format_class!r} is not a qcore.CheckpointFormat subclass")
+    if not format_class.suffixes:
+        raise ValueError(f"{format_class.__qualname__}.suffixes is empty; name the file suffixes it reads")
+    return [suffix.lstrip(".").lower() for suffix in format_class.suffixes]
+
+
+def register_format(format_class: type[CheckpointFormat]) -> type[CheckpointFormat]:
+    """Read files with ``format_class.suffixes`` with ``format_class`` in this process (tests, notebooks).
+
+    An installed distribution does the same through an entry point in the ``qcore.formats`` group.
+    Raises ``ValueError`` when a suffix is taken in-process or is a built-in one.
+    """
+    names = _suffix_names(format_class)
+    for name in names:
+        taken = _registered.get(name)
+        if name in ("safetensors", "bin") or (taken is not None and taken is not format_class):
+            raise ValueError(f".{name} files are already read by {taken or 'qcore itself'}")
+    for name in names:
+        _registered[name] = format_class
+    return format_class
+
+
+def unregister_format(format_class: type[CheckpointFormat]) -> None:
+    """Undo :func:`register_format`."""
+    for name in _suffix_names(format_class):
+        if _registered.get(name) is format_class:
+            del _registered[name]
+
+
 def format_for(path: Path) -> type[CheckpointFormat]:
     """The format class that reads ``path``, importing its plugin; an install hint when none is installed."""
     path = Path(path)
     suffix = path.suffix.lstrip(".").lower()
     if suffix == "safetensors":
         return SafetensorsFormat
+    if suffix in _registered:
+        return _registered[suffix]
     implied, hint = _KNOWN_FORMATS.get(
         suffix,
         (

@@ -9,7 +9,9 @@ with ``gguf.quants.dequantize``, which is how the tests check it.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -169,3 +171,97 @@ def write_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+# --- tiny Flux files in Black Forest Labs' naming (city96's GGUF layout) -------------------------
+
+# A diffusers FluxTransformer2DModel config small enough for CPU tests; every width a multiple of 256.
+TINY_FLUX = {
+    "_class_name": "FluxTransformer2DModel",
+    "patch_size": 1,
+    "in_channels": 64,
+    "out_channels": None,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 128,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 256,
+    "pooled_projection_dim": 256,
+    "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
+
+
+def bfl_flux_shapes(config: Mapping[str, Any] = TINY_FLUX) -> dict[str, tuple[int, ...]]:
+    """Black Forest Labs' tensor names and shapes of a Flux transformer with this diffusers config."""
+    h = config["num_attention_heads"] * config["attention_head_dim"]
+    m, d, c = 4 * h, config["attention_head_dim"], config["in_channels"]
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def linear(name: str, out: int, inp: int) -> None:
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (out, inp), (out,)
+
+    linear("img_in", h, c)
+    linear("txt_in", h, config["joint_attention_dim"])
+    for name, inp in (("time_in", 256), ("vector_in", config["pooled_projection_dim"]), ("guidance_in", 256)):
+        if name != "guidance_in" or config["guidance_embeds"]:
+            linear(f"{name}.in_layer", h, inp)
+            linear(f"{name}.out_layer", h, h)
+    for i in range(config["num_layers"]):
+        for s in ("img", "txt"):
+            b = f"double_blocks.{i}.{s}"
+            linear(f"{b}_mod.lin", 6 * h, h)
+            linear(f"{b}_attn.qkv", 3 * h, h)
+            linear(f"{b}_attn.proj", h, h)
+            shapes[f"{b}_attn.norm.query_norm.scale"] = (d,)
+            shapes[f"{b}_attn.norm.key_norm.scale"] = (d,)
+            linear(f"{b}_mlp.0", m, h)
+            linear(f"{b}_mlp.2", h, m)
+    for i in range(config["num_single_layers"]):
+        b = f"single_blocks.{i}"
+        linear(f"{b}.modulation.lin", 3 * h, h)
+        linear(f"{b}.linear1", 3 * h + m, h)
+        linear(f"{b}.linear2", h, h + m)
+        shapes[f"{b}.norm.query_norm.scale"] = (d,)
+        shapes[f"{b}.norm.key_norm.scale"] = (d,)
+    linear("final_layer.linear", config.get("out_channels") or c, h)
+    linear("final_layer.adaLN_modulation.1", 2 * h, h)
+    return shapes
+
+
+def bfl_flux_arrays(config: Mapping[str, Any] = TINY_FLUX, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name, shape in bfl_flux_shapes(config).items():
+        if name.endswith(".scale"):
+            arrays[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            fan_in = shape[-1] if len(shape) == 2 else 64
+            arrays[name] = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+    return arrays
+
+
+def city96_type(quant_type: str) -> Callable[[str, tuple[int, ...]], str]:
+    """city96's choice per tensor: 1-D tensors in F32, weights whose rows are not whole blocks in F16."""
+
+    def choose(name: str, shape: tuple[int, ...]) -> str:
+        if len(shape) == 1:
+            return "F32"
+        return quant_type if shape[-1] % GGML_TYPES[quant_type][1] == 0 else "F16"
+
+    return choose
+
+
+def write_bfl_flux_gguf(
+    path: Path,
+    quant_type: str | Callable[[str, tuple[int, ...]], str],
+    *,
+    prefix: str = "model.diffusion_model.",
+    config: Mapping[str, Any] = TINY_FLUX,
+    seed: int = 0,
+) -> Path:
+    choose = city96_type(quant_type) if isinstance(quant_type, str) else quant_type
+    arrays = bfl_flux_arrays(config, seed)
+    tensors = {prefix + name: (array, choose(name, array.shape)) for name, array in arrays.items()}
+    write_gguf(path, tensors, architecture="flux")
+    return path
