@@ -27,6 +27,7 @@ from ._errors import (
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
+    QcoreError,
 )
 from ._formats import CheckpointFormat, SafetensorsFormat, TensorInfo, open_format
 
@@ -234,7 +235,15 @@ class ConvertedReader:
             stored = tensors[part.key].stored_shape
             rows = part.bounds(stored[0] if stored else 1)
             whole = part.start == 0 and (part.stop is None or not stored or part.stop == stored[0])
-            parts.append(self.format.read(part.key, None if whole else rows))
+            try:
+                parts.append(self.format.read(part.key, None if whole else rows))
+            except QcoreError:
+                raise
+            except Exception as exc:  # a format plugin's own failure: name the file and tensor
+                raise CorruptCheckpointError(
+                    f"{self.files.weight_files[0]}: tensor {part.key!r} cannot be read "
+                    f"({type(exc).__name__}: {exc})"
+                ) from exc
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     def dtype_and_numel(self, key: str) -> tuple[torch.dtype | None, int]:

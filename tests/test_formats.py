@@ -1,0 +1,144 @@
+"""Core extension points for checkpoint formats and key converters (qcore.formats / qcore.converters)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import qcore
+from qcore.testing import ConformanceModel
+
+
+class RenamedConverter(qcore.KeyConverter):
+    """The conformance model with proj_in stored as "input" and proj_out's rows stored reversed in halves."""
+
+    model_class = "ConformanceModel"
+
+    def matches(self, tensors: dict[str, qcore.TensorInfo]) -> bool:
+        return "input.weight" in tensors
+
+    def convert(self, tensors: dict[str, qcore.TensorInfo]) -> dict[str, list[qcore.RowRange]]:
+        out = {}
+        for key, info in tensors.items():
+            if key.startswith("input."):
+                out["proj_in." + key.removeprefix("input.")] = [qcore.RowRange(key)]
+            elif key.startswith("proj_out."):
+                half = info.shape[0] // 2
+                out[key] = [qcore.RowRange(key, half), qcore.RowRange(key, 0, half)]
+            else:
+                out[key] = [qcore.RowRange(key)]
+        return out
+
+    def infer_config(self, tensors: dict[str, qcore.TensorInfo]) -> dict[str, int]:
+        return {"hidden": tensors["input.weight"].shape[0], "depth": 2}
+
+
+@pytest.fixture
+def converter() -> RenamedConverter:
+    converter = qcore.register_converter(RenamedConverter())
+    yield converter
+    qcore.unregister_converter(converter)
+
+
+def _renamed_file(path: Path) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    state = ConformanceModel().state_dict()
+    stored = {
+        ("input." + k.removeprefix("proj_in.")) if k.startswith("proj_in.") else k: v
+        for k, v in state.items()
+    }
+    for key in ("proj_out.weight", "proj_out.bias"):
+        half = stored[key].shape[0] // 2
+        stored[key] = torch.cat([stored[key][half:], stored[key][:half]]).contiguous()
+    save_file(stored, str(path))
+    return state
+
+
+def test_single_safetensors_file_through_a_converter(tmp_path: Path, converter: RenamedConverter) -> None:
+    state = _renamed_file(tmp_path / "renamed.safetensors")
+    model = qcore.from_pretrained(ConformanceModel, tmp_path / "renamed.safetensors")
+    assert model.config["hidden"] == 256
+    for key, value in state.items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_converter_mapping_errors_name_the_tensors(tmp_path: Path, converter: RenamedConverter) -> None:
+    _renamed_file(tmp_path / "renamed.safetensors")
+    original = converter.convert
+
+    def bad_rows(tensors: dict[str, qcore.TensorInfo]) -> dict[str, list[qcore.RowRange]]:
+        mapping = original(tensors)
+        mapping["proj_out.bias"] = [qcore.RowRange("proj_out.bias", 0, 10_000)]
+        return mapping
+
+    converter.convert = bad_rows  # type: ignore[method-assign]
+    with pytest.raises(qcore.CheckpointError, match="rows 0:10000 of 'proj_out.bias'"):
+        qcore.from_pretrained(ConformanceModel, tmp_path / "renamed.safetensors")
+
+    def unused(tensors: dict[str, qcore.TensorInfo]) -> dict[str, list[qcore.RowRange]]:
+        mapping = original(tensors)
+        del mapping["norm_out.bias"]
+        return mapping
+
+    converter.convert = unused  # type: ignore[method-assign]
+    with pytest.raises(qcore.CheckpointError, match="norm_out.bias"):
+        qcore.from_pretrained(ConformanceModel, tmp_path / "renamed.safetensors")
+
+
+def test_single_file_without_config_asks_for_one(tmp_path: Path) -> None:
+    save_file(ConformanceModel().state_dict(), str(tmp_path / "plain.safetensors"))
+    with pytest.raises(qcore.ConfigError, match="config=") as info:
+        qcore.from_pretrained(ConformanceModel, tmp_path / "plain.safetensors")
+    assert info.value.option == "config"
+    model = qcore.from_pretrained(ConformanceModel, tmp_path / "plain.safetensors", config={"depth": 2})
+    assert model.config["depth"] == 2
+
+
+def test_locate_checkpoint_takes_a_single_file(tmp_path: Path) -> None:
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "one.safetensors"))
+    files = qcore.locate_checkpoint(tmp_path / "one.safetensors")
+    assert files.weight_files == [tmp_path / "one.safetensors"]
+
+
+def test_hub_file_shorthand_offline_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(qcore.CheckpointNotFoundError, match="flux1-dev-Q4_K_S.gguf"):
+        qcore.locate_checkpoint(
+            "city96/FLUX.1-dev-gguf/flux1-dev-Q4_K_S.gguf", local_files_only=True, cache_dir=tmp_path
+        )
+
+
+def test_unknown_suffix_and_format_registration(tmp_path: Path) -> None:
+    path = tmp_path / "weights.qfmt"
+    path.write_bytes(b"QFMT")
+    with pytest.raises(qcore.CheckpointError, match="'qcore.formats'"):
+        qcore.from_pretrained(ConformanceModel, path)
+
+    class QFormat(qcore.CheckpointFormat):
+        suffixes = (".qfmt",)
+
+        def tensors(self) -> dict[str, qcore.TensorInfo]:
+            return {"proj_in.weight": qcore.TensorInfo((256, 128), torch.float32)}
+
+    qcore.register_format(QFormat)
+    try:
+        with pytest.raises(ValueError, match="already read"):
+            qcore.register_format(type("Other", (qcore.CheckpointFormat,), {"suffixes": (".qfmt",)}))
+        with pytest.raises(ValueError, match="qcore itself"):
+            qcore.register_format(type("Mine", (qcore.CheckpointFormat,), {"suffixes": (".safetensors",)}))
+        with pytest.raises(qcore.CorruptCheckpointError, match="'proj_in.weight' cannot be read") as info:
+            qcore.from_pretrained(ConformanceModel, path, config={})
+        assert "weights.qfmt" in str(info.value)
+    finally:
+        qcore.unregister_format(QFormat)
+
+
+def test_formats_are_not_imported_by_import_qcore() -> None:
+    import subprocess
+    import sys
+
+    code = "import qcore, sys; print(sorted(m for m in ('gguf', 'qcore_gguf') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
