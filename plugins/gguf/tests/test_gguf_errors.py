@@ -152,3 +152,37 @@ def test_saved_layout_with_float_blocks_is_refused(flux_file: Path, tmp_path: Pa
     with pytest.raises(qcore.CorruptCheckpointError, match="uint8 blocks") as info:
         qcore.from_pretrained(FluxTransformer2DModel, path)
     assert KEY in str(info.value)
+
+
+def test_orig_shape_gives_the_logical_shape_of_flattened_tensors(tmp_path: Path) -> None:
+    """city96 stores some tensors flattened, with comfy.gguf.orig_shape.<name> holding the real shape."""
+    rng = np.random.default_rng(0)
+    conv = rng.standard_normal((8, 4, 2, 32)).astype(np.float32)
+    norm = rng.standard_normal((4, 16)).astype(np.float32)
+    path = tmp_path / "flattened.gguf"
+    write_gguf(
+        path,
+        {"conv.weight": (conv.reshape(64, 32), "Q8_0"), "norm.weight": (norm.reshape(64), "F32")},
+        metadata={
+            "comfy.gguf.orig_shape.conv.weight": [8, 4, 2, 32],
+            "comfy.gguf.orig_shape.norm.weight": [4, 16],
+        },
+    )
+    with GGUFFormat(path) as fmt:
+        assert fmt.tensors()["conv.weight"].shape == (8, 4, 2, 32)
+        assert fmt.tensors()["norm.weight"].shape == (4, 16)
+        assert torch.equal(fmt.read("norm.weight"), torch.from_numpy(norm))
+        conv_blocks = fmt.read("conv.weight")
+        assert conv_blocks.logical_shape == (8, 4, 2, 32)
+        decoded = conv_blocks.dequantize(torch.float32)
+        assert float((decoded - torch.from_numpy(conv)).abs().max()) < 0.05
+        assert fmt.read("conv.weight", (2, 4)).logical_shape == (2, 4, 2, 32)
+
+    bad = tmp_path / "bad-shape.gguf"
+    write_gguf(
+        bad,
+        {"conv.weight": (conv.reshape(64, 32), "Q8_0")},
+        metadata={"comfy.gguf.orig_shape.conv.weight": [8, 4, 4, 16]},
+    )
+    with pytest.raises(qcore.CorruptCheckpointError, match="not whole Q8_0 blocks"):
+        GGUFFormat(bad)

@@ -74,6 +74,12 @@ class GGUFFormat(qcore.CheckpointFormat):
                         f"{self.path}: {ORIG_SHAPE_PREFIX}{tensor.name} is {orig}, but the tensor holds "
                         f"{int(np.prod(shape))} elements"
                     )
+                block = GGML_TYPES[type_name][1]
+                if type_name not in FLOAT_TYPES and (not orig or orig[-1] % block):
+                    raise qcore.CorruptCheckpointError(
+                        f"{self.path}: {ORIG_SHAPE_PREFIX}{tensor.name} is {orig}, whose rows are not whole "
+                        f"{type_name} blocks of {block}"
+                    )
                 shape = orig
             self._tensors[tensor.name] = tensor
             if type_name in FLOAT_TYPES:
