@@ -12,9 +12,11 @@ the same run: quantized on load, then pre-quantized.
 Each (loader, mode) runs in a fresh process and prints one JSON line: load_s (wall time of the load
 call, CUDA synchronised; the CUDA context exists before the clock starts), peak_gpu_gb
 (max_memory_allocated during the load), peak_rss_gb (ru_maxrss of the process, imports included),
-rss_before_gb, step_s (one denoising step, 512x512, after the load) and the latents of that step
-saved under --refdir; the summary lines give, per mode, qcore's time and memory against diffusers'
-and the difference of their latents (max |a-b| and ||a-b||/||b||).
+peak_rss_load_gb (the RSS high-water mark from just before the load: VmHWM after a reset),
+rss_before_gb, step_s (one denoising step, 512x512, after the load) and the latents of that step saved
+under --refdir; the summary lines give, per mode, qcore's load time against diffusers' (speedup) and
+the difference of their latents (max |a-b| and ||a-b||/||b||). --quant int8wo quantizes the
+transformer with torchao int8 weight-only too, which diffusers also runs on a CPU.
 
 Weights: the transformer is FluxTransformer2DModel at Flux-dev size (11.9B), text_encoder_2 a
 T5EncoderModel shaped like T5-XXL (4.76B), text_encoder CLIP-L (123M), the VAE Flux's (84M); all
@@ -169,32 +171,39 @@ def make(out: Path, size: str, device_name: str) -> dict[str, Any]:
 # --- configs ------------------------------------------------------------------------------------
 
 
-def qcore_configs() -> dict[str, Any]:
+# "nf4-int8wo": nf4 transformer + int8 weight-only T5 (the GPU benchmark); "int8wo": int8 weight-only for
+# both, which diffusers also runs on a CPU (it refuses bitsandbytes there).
+QUANTS = ("nf4-int8wo", "int8wo")
+
+
+def qcore_configs(quant: str) -> dict[str, Any]:
     import torch
     from torchao.quantization import Int8WeightOnlyConfig
 
     from qcore_bnb import BitsAndBytesConfig
     from qcore_torchao import TorchAoConfig
 
+    nf4 = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
     return {
-        "transformer": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-        ),
+        "transformer": nf4 if quant == "nf4-int8wo" else TorchAoConfig(Int8WeightOnlyConfig()),
         "text_encoder_2": TorchAoConfig(Int8WeightOnlyConfig()),
     }
 
 
-def diffusers_config() -> Any:
+def diffusers_config(quant: str) -> Any:
     import diffusers
     import torch
     import transformers
     from torchao.quantization import Int8WeightOnlyConfig
 
+    nf4 = diffusers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
     return diffusers.PipelineQuantizationConfig(
         quant_mapping={
-            "transformer": diffusers.BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-            ),
+            "transformer": nf4 if quant == "nf4-int8wo" else diffusers.TorchAoConfig(Int8WeightOnlyConfig()),
             "text_encoder_2": transformers.TorchAoConfig(
                 Int8WeightOnlyConfig(), modules_to_not_convert=[r".*\.wo"]
             ),
@@ -202,7 +211,7 @@ def diffusers_config() -> Any:
     )
 
 
-def prequantize(pipeline: Path, out: Path, device: str) -> dict[str, Any]:
+def prequantize(pipeline: Path, out: Path, device: str, quant: str) -> dict[str, Any]:
     import torch
     from diffusers import FluxPipeline
 
@@ -212,7 +221,7 @@ def prequantize(pipeline: Path, out: Path, device: str) -> dict[str, Any]:
     pipe = qcore.load_pipeline(
         FluxPipeline,
         pipeline,
-        quantization_config=qcore_configs(),
+        quantization_config=qcore_configs(quant),
         torch_dtype=torch.bfloat16,
         device_map=device,
     )
@@ -223,10 +232,12 @@ def prequantize(pipeline: Path, out: Path, device: str) -> dict[str, Any]:
 # --- one run ------------------------------------------------------------------------------------
 
 
-def one(loader: str, mode: str, path: Path, device: str, refdir: Path, size: str) -> dict[str, Any]:
+def one(
+    loader: str, mode: str, path: Path, device: str, refdir: Path, size: str, quant: str
+) -> dict[str, Any]:
     import torch
 
-    record: dict[str, Any] = {"loader": loader, "mode": mode, "device": device, "size": size}
+    record: dict[str, Any] = {"loader": loader, "mode": mode, "quant": quant, "device": device, "size": size}
     cuda = device.startswith("cuda")
     if cuda:
         torch.zeros(1, device=device)  # the CUDA context, outside the clock
@@ -244,11 +255,12 @@ def one(loader: str, mode: str, path: Path, device: str, refdir: Path, size: str
     for name in ("T5EncoderModel", "CLIPTextModel", "CLIPTokenizer", "T5TokenizerFast"):
         getattr(transformers, name)
     if loader == "qcore":
-        config = qcore_configs() if mode == "quantize-on-load" else None  # imports qcore_bnb, qcore_torchao
+        config = qcore_configs(quant) if mode == "quantize-on-load" else None  # imports the qcore backends
     else:
-        config = diffusers_config() if mode == "quantize-on-load" else None
+        config = diffusers_config(quant) if mode == "quantize-on-load" else None
 
     record["rss_before_gb"] = round(rss_bytes() / GB, 3)
+    reset_peak_rss()
     started = time.perf_counter()
     try:
         if loader == "qcore":
@@ -270,6 +282,9 @@ def one(loader: str, mode: str, path: Path, device: str, refdir: Path, size: str
         return record
     record["load_s"] = round(time.perf_counter() - started, 3)
     record["peak_rss_gb"] = round(peak_rss_bytes() / GB, 3)
+    load_peak = peak_rss_since_reset()
+    if load_peak is not None:
+        record["peak_rss_load_gb"] = round(load_peak / GB, 3)
     if cuda:
         record["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / GB, 3)
         record["gpu_after_gb"] = round(torch.cuda.memory_allocated() / GB, 3)
@@ -304,6 +319,27 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak_rss() -> None:
+    """Reset the kernel's high-water mark of this process's RSS (VmHWM), so the load's own peak shows:
+    imports (bitsandbytes, torchao) peak above what they keep, which ru_maxrss would report instead."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_since_reset() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 # --- run all --------------------------------------------------------------------------------------
 
 
@@ -332,6 +368,8 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                 str(args.refdir),
                 "--size",
                 args.size,
+                "--quant",
+                args.quant,
             ]
             done = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -378,14 +416,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refdir", type=Path, default=Path("/tmp/pipeline-bench-latents"))
     parser.add_argument("--loader", choices=LOADERS)
     parser.add_argument("--mode", choices=MODES)
+    parser.add_argument("--quant", choices=QUANTS, default="nf4-int8wo")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/pipeline-bench-smoke"))
     args = parser.parse_args(argv)
     if args.step == "make":
         emit(make(args.out, args.size, args.device), None)
     elif args.step == "prequantize":
-        emit(prequantize(args.pipeline, args.out, args.device), None)
+        emit(prequantize(args.pipeline, args.out, args.device, args.quant), None)
     elif args.step == "one":
-        emit(one(args.loader, args.mode, args.pipeline, args.device, args.refdir, args.size), None)
+        emit(
+            one(args.loader, args.mode, args.pipeline, args.device, args.refdir, args.size, args.quant), None
+        )
     elif args.step == "run":
         run_all(args)
     else:  # smoke: the whole path, tiny, on the CPU
@@ -397,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         args.pipeline, args.prequantized = args.workdir / "pipe", args.workdir / "pipe-q"
         args.refdir = args.workdir / "latents"
         emit(make(args.pipeline, args.size, "cpu"), None)
-        emit(prequantize(args.pipeline, args.prequantized, "cpu"), None)
+        emit(prequantize(args.pipeline, args.prequantized, "cpu", args.quant), None)
         records = run_all(args)
         return 0 if all(r.get("status") == "ok" for r in records if r["loader"] == "qcore") else 1
     return 0
