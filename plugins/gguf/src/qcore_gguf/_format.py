@@ -89,6 +89,7 @@ class GGUFFormat(qcore.CheckpointFormat):
                 stored_shape = (*rows, int(tensor.n_bytes) // max(1, int(np.prod(rows))))
                 info = qcore.TensorInfo(shape, torch.uint8, type_name, int(tensor.n_bytes), stored_shape)
             self._infos[tensor.name] = info
+        self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
 
     def _read_metadata(self) -> dict[str, str]:
         out = {}
@@ -113,15 +114,33 @@ class GGUFFormat(qcore.CheckpointFormat):
 
     def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         info = self._infos[key]
-        data = self._tensors[key].data
-        start, stop = rows if rows is not None else (0, info.shape[0] if info.shape else 1)
+        shape = info.stored_shape
+        count = shape[0] if shape else 1
+        start, stop = rows if rows is not None else (0, count)
+        row_bytes = info.nbytes // max(count, 1)
+        # Plain reads into a fresh tensor: only these rows' bytes, and no file page stays mapped in the
+        # process (the page cache holds them, not the RSS), unlike slicing gguf's memory map.
+        data = self._pread(
+            self._tensors[key].data_offset + start * row_bytes, (stop - start) * row_bytes, key
+        )
         if info.quant_type is None:
-            array = np.asarray(data).reshape(info.shape)
-            return torch.from_numpy(np.array(array[start:stop] if rows is not None else array))
-        if tuple(data.shape) != info.stored_shape:
-            data = np.asarray(data).reshape(info.stored_shape)  # a flattened tensor (orig_shape)
-        blocks = np.array(data[start:stop] if rows is not None else data)  # copies only these rows
-        return GGUFWeight(torch.from_numpy(blocks), info.quant_type)
+            value = data.view(info.dtype)
+            return value.reshape((stop - start, *shape[1:]) if rows is not None else info.shape)
+        return GGUFWeight(data.reshape(stop - start, *shape[1:]), info.quant_type)
+
+    def _pread(self, offset: int, nbytes: int, key: str) -> torch.Tensor:
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        done = 0
+        self._file.seek(offset)
+        while done < nbytes:
+            got = self._file.readinto(view[done:])
+            if not got:
+                raise qcore.CorruptCheckpointError(
+                    f"{self.path}: tensor {key!r} ends at byte {offset + done}, inside its data (truncated?)"
+                )
+            done += got
+        return buffer
 
     def metadata(self) -> dict[str, str]:
         return dict(self._metadata)
@@ -130,6 +149,7 @@ class GGUFFormat(qcore.CheckpointFormat):
         return {"quant_method": "gguf"}
 
     def close(self) -> None:
+        self._file.close()
         self._tensors.clear()
         # The memory map closes when the reader is collected.
         self._reader = None  # type: ignore[assignment]
