@@ -434,3 +434,31 @@ def test_dtype_change_of_a_quantized_pipeline_is_refused_before_any_cast(flux_di
         pipe.to("cpu", dtype=torch.float16)
     assert {p.dtype for p in pipe.vae.parameters()} == {torch.bfloat16}  # nothing was cast
     assert pipe.to("cpu") is pipe  # moving is fine
+
+
+def test_text_encoder_lora_on_a_quantized_clip(flux_dir: Path, tmp_path: Path) -> None:
+    """diffusers' LoRA loading moves the text encoder with .to(device=, dtype=its own dtype) (diffusers
+    issue #11570 broke bitsandbytes text encoders that way): a quantized CLIP takes the LoRA."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    clip = transformers.CLIPTextModel.from_pretrained(flux_dir / "text_encoder", dtype=torch.bfloat16)
+    targets = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    clip.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    diffusers.FluxPipeline.save_lora_weights(
+        tmp_path / "lora", text_encoder_lora_layers=get_peft_model_state_dict(clip)
+    )
+    pipe = qcore.load_pipeline(
+        diffusers.FluxPipeline,
+        flux_dir,
+        quantization_config=nf4(),
+        components=["transformer", "text_encoder"],
+        torch_dtype=torch.bfloat16,
+    )
+    before = run_pipeline(pipe)
+    pipe.load_lora_weights(tmp_path / "lora")
+    assert not torch.equal(run_pipeline(pipe), before)
+    assert isinstance(pipe.text_encoder.encoder.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    pipe.unload_lora_weights()
+    assert torch.equal(run_pipeline(pipe), before)
+    with pytest.raises(qcore.DtypeCastError):  # a real cast is still refused
+        pipe.text_encoder.to("cpu", torch.float16)

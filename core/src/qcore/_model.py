@@ -291,7 +291,12 @@ class CastGuard:
             )
 
     def to(self, *args: Any, **kwargs: Any) -> Any:
-        _device, dtype, _non_blocking, _fmt = torch._C._nn._parse_to(*args, **kwargs)
+        device, dtype, non_blocking, _fmt = torch._C._nn._parse_to(*args, **kwargs)
+        quantized = getattr(self, "is_quantized", False)
+        if device is not None and quantized and dtype is not None and dtype == getattr(self, "dtype", None):
+            # A move that names the dtype the model reports is a move: diffusers' LoRA loading calls
+            # text_encoder.to(device=..., dtype=text_encoder.dtype) (diffusers issue #11570).
+            return super().to(device, non_blocking=non_blocking)  # type: ignore[misc]
         if dtype is not None:
             self._refuse_cast(f".to({dtype})")
         return super().to(*args, **kwargs)  # type: ignore[misc]
