@@ -437,8 +437,8 @@ def test_dtype_change_of_a_quantized_pipeline_is_refused_before_any_cast(flux_di
 
 
 def test_text_encoder_lora_on_a_quantized_clip(flux_dir: Path, tmp_path: Path) -> None:
-    """diffusers' LoRA loading moves the text encoder with .to(device=, dtype=its own dtype) (diffusers
-    issue #11570 broke bitsandbytes text encoders that way): a quantized CLIP takes the LoRA."""
+    """diffusers' LoRA loading moves the text encoder with .to(device=, dtype=its own dtype), a call that
+    breaks bitsandbytes text encoders in diffusers itself: a quantized CLIP takes the LoRA."""
     from peft import LoraConfig, get_peft_model_state_dict
 
     clip = transformers.CLIPTextModel.from_pretrained(flux_dir / "text_encoder", dtype=torch.bfloat16)

@@ -295,7 +295,7 @@ class CastGuard:
         quantized = getattr(self, "is_quantized", False)
         if device is not None and quantized and dtype is not None and dtype == getattr(self, "dtype", None):
             # A move that names the dtype the model reports is a move: diffusers' LoRA loading calls
-            # text_encoder.to(device=..., dtype=text_encoder.dtype) (diffusers issue #11570).
+            # text_encoder.to(device=..., dtype=text_encoder.dtype), which broke bitsandbytes encoders there.
             return super().to(device, non_blocking=non_blocking)  # type: ignore[misc]
         if dtype is not None:
             self._refuse_cast(f".to({dtype})")
