@@ -125,6 +125,23 @@ def test_qcore_checkpoint_loads_through_plain_diffusers(bridge: Any, flux_dir: P
     assert torch.equal(_flux_out(model), _flux_out(reference))
 
 
+def test_damaged_checkpoint_through_diffusers_is_the_backends_error(
+    bridge: Any, flux_dir: Path, tmp_path: Path
+) -> None:
+    """The backend's checks run under diffusers too: a truncated int8 weight is a qcore error naming it."""
+    from safetensors.torch import load_file, save_file
+
+    qcore.save_pretrained(_qcore_int8(flux_dir), tmp_path / "int8")
+    (weights,) = (tmp_path / "int8").glob("*.safetensors")
+    tensors = load_file(weights)
+    tensors["proj_out.weight"] = tensors["proj_out.weight"][:-1].clone()
+    save_file(
+        tensors, weights, metadata={"format": "pt", "qcore_int8.format": "int8-per-channel-symmetric/1"}
+    )
+    with pytest.raises(qcore.ShapeMismatchError, match="proj_out.weight"):
+        FluxTransformer2DModel.from_pretrained(tmp_path / "int8")
+
+
 def test_diffusers_checkpoint_loads_through_qcore(bridge: Any, flux_dir: Path, tmp_path: Path) -> None:
     model = FluxTransformer2DModel.from_pretrained(
         flux_dir, quantization_config=Int8Config(), torch_dtype=torch.bfloat16

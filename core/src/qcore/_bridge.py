@@ -32,6 +32,7 @@ from ._errors import (
     MissingKeysError,
     QcoreError,
     QuantizerEnvironmentError,
+    ShapeMismatchError,
     UnexpectedKeysError,
 )
 from ._loadrecord import LoadRecord, attach_load_record
@@ -369,10 +370,14 @@ class _QcoreDriver:
         ):
             return False
         if q.pre_quantized and value is not None:
-            current = model.state_dict(keep_vars=True).get(param_name)
-            if current is not None:
-                hooks.check_quantized_param_shape(
-                    quantizer=q, param_name=param_name, current_param=current, loaded_param=value
+            module_name, _, tensor_name = param_name.rpartition(".")
+            current = getattr(model.get_submodule(module_name), tensor_name, None)
+            if isinstance(current, torch.Tensor) and not hooks.check_quantized_param_shape(
+                quantizer=q, param_name=param_name, current_param=current, loaded_param=value
+            ):
+                raise ShapeMismatchError(
+                    f"{param_name!r}: the checkpoint stores shape {tuple(value.shape)}, which backend "
+                    f"{q.quant_method!r} does not accept for the model's {tuple(current.shape)}"
                 )
         try:
             hooks.create_quantized_param(
