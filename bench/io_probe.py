@@ -1,6 +1,6 @@
 """Quick probe of qcore's CUDA load path against safetensors' own loader (fresh process per loader).
 
-    python bench/io_probe.py --gb 6        # prints one JSON line per loader
+python bench/io_probe.py --gb 6        # prints one JSON line per loader
 """
 
 from __future__ import annotations
@@ -37,17 +37,20 @@ torch.cuda.synchronize()
 dt = time.perf_counter() - t
 import os
 knobs = {k: v for k, v in os.environ.items() if k.startswith("QCORE_IO")}
-print(json.dumps({"loader": mode, **knobs, "import_s": round(import_s, 3), "load_s": round(dt, 3), "gpu_gb": round(torch.cuda.memory_allocated() / 1e9, 3), "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3)}))
+gpu_gb = round(torch.cuda.memory_allocated() / 1e9, 3)
+peak_gpu_gb = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+print(json.dumps({"loader": mode, **knobs, "import_s": round(import_s, 3), "load_s": round(dt, 3),
+                  "gpu_gb": gpu_gb, "peak_gpu_gb": peak_gpu_gb}))
 """
 
-MODEL = '''
+MODEL = """
 import torch, qcore
 from torch import nn
 class Stack(qcore.ModelMixin):
     def __init__(self, layers: int = 8, d: int = 3072, f: int = 12288):
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(d, f) for _ in range(layers))
-'''
+"""
 
 
 def main() -> None:
@@ -66,18 +69,37 @@ def main() -> None:
         model = Stack(layers=layers).to(torch.bfloat16)
     t = time.perf_counter()
     model.save_pretrained(work / "ckpt", max_shard_size="10GB")
-    print(json.dumps({"saved_gb": round(sum(p.stat().st_size for p in (work / "ckpt").iterdir()) / 1e9, 2), "save_s": round(time.perf_counter() - t, 1)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "saved_gb": round(sum(p.stat().st_size for p in (work / "ckpt").iterdir()) / 1e9, 2),
+                "save_s": round(time.perf_counter() - t, 1),
+            }
+        ),
+        flush=True,
+    )
     for f in (work / "ckpt").iterdir():
         subprocess.run(["cat", str(f)], stdout=subprocess.DEVNULL, check=True)
     variants = [{}]
     if os.environ.get("PROBE_SWEEP"):
         variants += [
             {"QCORE_IO_THREADS": t, "QCORE_IO_PIECE_BYTES": str(p << 20), "QCORE_IO_SLOTS": s}
-            for t, p, s in [("8", 8, "24"), ("16", 4, "48"), ("16", 16, "24"), ("32", 8, "48"), ("16", 32, "16"), ("24", 16, "32")]
+            for t, p, s in [
+                ("8", 8, "24"),
+                ("16", 4, "48"),
+                ("16", 16, "24"),
+                ("32", 8, "48"),
+                ("16", 32, "16"),
+                ("24", 16, "32"),
+            ]
         ]
     subprocess.run([sys.executable, "-c", CHILD, "safe_open_cuda", str(work / "ckpt")], check=True)
     for variant in variants:
-        subprocess.run([sys.executable, "-c", CHILD, "qcore", str(work / "ckpt")], env={**os.environ, **variant}, check=True)
+        subprocess.run(
+            [sys.executable, "-c", CHILD, "qcore", str(work / "ckpt")],
+            env={**os.environ, **variant},
+            check=True,
+        )
 
 
 if __name__ == "__main__":

@@ -110,8 +110,9 @@ def write_bf16(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def write_prequantized(args: argparse.Namespace) -> dict[str, Any]:
-    import qcore
     from diffusers import FluxTransformer2DModel
+
+    import qcore
 
     if args.prequantize != "nf4":
         raise SystemExit(f"--prequantize {args.prequantize!r}: only 'nf4' is supported")

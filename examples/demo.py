@@ -1,7 +1,7 @@
 """qcore demo: quantize a model to 4-bit NF4 with bitsandbytes on load, on CPU, save it, reload it.
 
-    pip install ./core ./plugins/bnb
-    python examples/demo.py
+pip install ./core ./plugins/bnb
+python examples/demo.py
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def main() -> None:
         config = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
         )
-        model = DemoTransformer.from_pretrained(bf16_dir, quantization_config=config, torch_dtype=torch.bfloat16)
+        model = DemoTransformer.from_pretrained(
+            bf16_dir, quantization_config=config, torch_dtype=torch.bfloat16
+        )
         with torch.no_grad():
             out = model(x)
         rel = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
@@ -72,10 +74,14 @@ def main() -> None:
             out_reloaded = reloaded(x)
 
         layer = type(model.blocks[0].ff_in)
-        print(f"backend:            {qcore.get_backend('bitsandbytes').distribution} "
-              f"(quant_method {model.quantization_method!r}, layers {layer.__module__}.{layer.__name__})")
-        print(f"checkpoint size:    bf16 {size_mb(bf16_dir):.2f} MiB -> nf4 {size_mb(nf4_dir):.2f} MiB "
-              f"({size_mb(bf16_dir) / size_mb(nf4_dir):.1f}x smaller)")
+        print(
+            f"backend:            {qcore.get_backend('bitsandbytes').distribution} "
+            f"(quant_method {model.quantization_method!r}, layers {layer.__module__}.{layer.__name__})"
+        )
+        print(
+            f"checkpoint size:    bf16 {size_mb(bf16_dir):.2f} MiB -> nf4 {size_mb(nf4_dir):.2f} MiB "
+            f"({size_mb(bf16_dir) / size_mb(nf4_dir):.1f}x smaller)"
+        )
         print(f"relative error:     {rel:.4f} (nf4 output vs bf16 output)")
         print(f"reload identical:   {torch.equal(out, out_reloaded)}")
 

@@ -6,7 +6,7 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
-BACKENDS = '''
+BACKENDS = """
 import pytest
 import torch
 from torch import nn
@@ -80,7 +80,7 @@ class TestTrustsAnything(BackendConformance):
 class TestLosesScales(BackendConformance):
     config_class = CONFIGS["kit-loses-scales"]
     forward_tolerance = 0.02
-'''
+"""
 
 
 def test_kit_separates_good_from_defective_backends(pytester: pytest.Pytester) -> None:

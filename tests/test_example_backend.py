@@ -58,7 +58,9 @@ print(json.dumps({{
 
 
 @pytest.mark.slow
-def test_wheel_installs_and_loads_checkpoint_by_quant_method(example_env: envs.FreshEnv, tmp_path: Path) -> None:
+def test_wheel_installs_and_loads_checkpoint_by_quant_method(
+    example_env: envs.FreshEnv, tmp_path: Path
+) -> None:
     ref, out = str(tmp_path / "ref"), str(tmp_path / "int8")
     made = example_env.run_json(QUANTIZE_AND_SAVE.format(ref=ref, out=out))
     assert made["layer"] == "qcore_int8._linear.Int8Linear"
@@ -84,7 +86,8 @@ def test_conformance_suite_passes_in_fresh_environment(example_env: envs.FreshEn
     result = example_env.run(
         f"""
         import sys, pytest
-        sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-m", "not gpu", "--basetemp", {str(tmp_path / "bt")!r},
+        basetemp = {str(tmp_path / "bt")!r}
+        sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-m", "not gpu", "--basetemp", basetemp,
                               "examples/qcore-int8/tests/test_int8_conformance.py"]))
         """,
         cwd=envs.REPO,

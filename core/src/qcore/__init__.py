@@ -54,6 +54,7 @@ from ._hookspecs import hookimpl, hookspec
 from ._loading import from_pretrained
 from ._model import dequantize
 from ._modelmixin import ModelMixin
+from ._pipeline import load_pipeline
 from ._quantizer import Quantizer, module_matches, replace_linear_layers
 from ._registry import (
     ENTRY_POINT_GROUP,
@@ -64,7 +65,6 @@ from ._registry import (
     register_backend,
     unregister_backend,
 )
-from ._pipeline import load_pipeline
 from ._saving import save_pretrained
 
 try:

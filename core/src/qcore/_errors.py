@@ -29,9 +29,7 @@ class BackendNotFoundError(BackendError, LookupError):
         self.install_hint = install_hint
         names = sorted(available)
         known = f" Installed backends: {', '.join(names)}." if names else " No backend is installed."
-        super().__init__(
-            f"quant_method {quant_method!r} is not installed: {install_hint}.{known}"
-        )
+        super().__init__(f"quant_method {quant_method!r} is not installed: {install_hint}.{known}")
 
 
 class BackendLoadError(BackendError, ImportError):

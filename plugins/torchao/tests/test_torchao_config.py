@@ -121,8 +121,12 @@ def test_diffusers_config_reads_and_writes_the_same_dict() -> None:
 
 
 def test_legacy_string_form_of_older_diffusers_loads() -> None:
-    legacy = {"quant_method": "torchao", "quant_type": "int4wo", "quant_type_kwargs": {"group_size": 64},
-              "modules_to_not_convert": None}
+    legacy = {
+        "quant_method": "torchao",
+        "quant_type": "int4wo",
+        "quant_type_kwargs": {"group_size": 64},
+        "modules_to_not_convert": None,
+    }
     config = TorchAoConfig.from_dict(legacy)
     assert config == TorchAoConfig("int4wo", group_size=64)
     assert config.to_dict()["quant_type"]["default"]["_type"] == "Int4WeightOnlyConfig"
@@ -147,7 +151,9 @@ def test_unknown_string_names_the_choices() -> None:
     assert info.value.option == "quant_type"
 
 
-@pytest.mark.parametrize("bad", [8, None, Int8WeightOnlyConfig, {"_type": "Int8WeightOnlyConfig"}, torch.int8])
+@pytest.mark.parametrize(
+    "bad", [8, None, Int8WeightOnlyConfig, {"_type": "Int8WeightOnlyConfig"}, torch.int8]
+)
 def test_wrong_quant_type_type(bad: object) -> None:
     with pytest.raises(qcore.ConfigError, match="AOBaseConfig instance") as info:
         TorchAoConfig(bad)
@@ -187,7 +193,15 @@ def _config_dict(default: object) -> dict[str, object]:
 
 @pytest.mark.parametrize(
     "type_name",
-    ["os.system", "system", "quantize_", "torch.nn.Linear", "Int8Tensor", "AOBaseConfig.__subclasses__", "Linear"],
+    [
+        "os.system",
+        "system",
+        "quantize_",
+        "torch.nn.Linear",
+        "Int8Tensor",
+        "AOBaseConfig.__subclasses__",
+        "Linear",
+    ],
 )
 def test_config_naming_a_class_outside_torchao_configs_is_refused(type_name: str) -> None:
     with pytest.raises(qcore.ConfigError, match=f"names {type_name!r}") as info:

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchao.quantization import Float8WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+from torchao.quantization import (
+    Float8WeightOnlyConfig,
+    Int8DynamicActivationInt8WeightConfig,
+    Int8WeightOnlyConfig,
+)
 from torchao.utils import TorchAOBaseTensor
 
 import qcore
@@ -69,7 +73,9 @@ def test_quantize_on_load_matches_diffusers(flux_bf16: Path, name: str) -> None:
 
 @pytest.mark.parametrize("shard", [None, "20KB"], ids=["one-file", "sharded"])
 @pytest.mark.parametrize("name", ["int8wo", "float8wo"])
-def test_diffusers_checkpoint_loads_in_qcore(flux_bf16: Path, tmp_path: Path, name: str, shard: str | None) -> None:
+def test_diffusers_checkpoint_loads_in_qcore(
+    flux_bf16: Path, tmp_path: Path, name: str, shard: str | None
+) -> None:
     quantized = FluxTransformer2DModel.from_pretrained(
         flux_bf16, quantization_config=diffusers.TorchAoConfig(CONFIGS[name]()), torch_dtype=torch.bfloat16
     )
@@ -88,7 +94,9 @@ def test_diffusers_checkpoint_loads_in_qcore(flux_bf16: Path, tmp_path: Path, na
 
 @pytest.mark.parametrize("shard", [None, "20KB"], ids=["one-file", "sharded"])
 @pytest.mark.parametrize("name", ["int8wo", "int8dq"])
-def test_qcore_checkpoint_loads_in_diffusers(flux_bf16: Path, tmp_path: Path, name: str, shard: str | None) -> None:
+def test_qcore_checkpoint_loads_in_diffusers(
+    flux_bf16: Path, tmp_path: Path, name: str, shard: str | None
+) -> None:
     ours = qcore.from_pretrained(
         FluxTransformer2DModel, flux_bf16, quantization_config=TorchAoConfig(name), torch_dtype=torch.bfloat16
     )

@@ -34,7 +34,9 @@ def make_config(name: str, **kwargs: object) -> TorchAoConfig:
     if name == "int8wo_group32":
         return TorchAoConfig("int8wo", group_size=32, **kwargs)
     if name == "intx4_group32":
-        return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)), **kwargs)
+        return TorchAoConfig(
+            IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)), **kwargs
+        )
     return TorchAoConfig(name, **kwargs)
 
 
@@ -68,7 +70,10 @@ def test_quantize_on_load_matches_torchao_quantize(
         got, want = inner_tensors(loaded.weight), inner_tensors(expected.weight)
         assert got.keys() == want.keys()
         for part in want:
-            assert got[part].dtype == want[part].dtype and torch.equal(got[part], want[part]), (module_name, part)
+            assert got[part].dtype == want[part].dtype and torch.equal(got[part], want[part]), (
+                module_name,
+                part,
+            )
         assert loaded.weight.shape == reference.weight.shape
         if reference.bias is not None:
             assert torch.equal(loaded.bias, reference.bias)
@@ -76,7 +81,9 @@ def test_quantize_on_load_matches_torchao_quantize(
     assert 0 < error < CPU_TYPES[name], f"{name}: relative error {error:.4f}"
 
 
-def test_torch_dtype_defaults_to_bfloat16_and_casts_before_quantizing(tmp_path: Path, tiny_input: torch.Tensor) -> None:
+def test_torch_dtype_defaults_to_bfloat16_and_casts_before_quantizing(
+    tmp_path: Path, tiny_input: torch.Tensor
+) -> None:
     fp32 = make_tiny(dtype=torch.float32)
     qcore.save_pretrained(fp32, tmp_path / "fp32")
     model = TinyTransformer.from_pretrained(tmp_path / "fp32", quantization_config=TorchAoConfig("int8wo"))
@@ -135,13 +142,17 @@ def test_fqn_to_config_quantizes_per_module(tiny_ckpt: Path, tiny_model: TinyTra
 
 def test_no_linear_left_warns(tiny_ckpt: Path, caplog: pytest.LogCaptureFixture) -> None:
     skip = ["proj_in", "blocks", "vace_blocks", "proj_out"]
-    model = TinyTransformer.from_pretrained(tiny_ckpt, quantization_config=TorchAoConfig("int8wo", modules_to_not_convert=skip))
+    model = TinyTransformer.from_pretrained(
+        tiny_ckpt, quantization_config=TorchAoConfig("int8wo", modules_to_not_convert=skip)
+    )
     assert "no nn.Linear left to quantize" in caplog.text
     assert not any(isinstance(p, TorchAOBaseTensor) for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", ["int8wo", "float8wo", "int8dq", "uint4wo"])
-def test_dequantize(name: str, tiny_ckpt: Path, tiny_model: TinyTransformer, tiny_input: torch.Tensor) -> None:
+def test_dequantize(
+    name: str, tiny_ckpt: Path, tiny_model: TinyTransformer, tiny_input: torch.Tensor
+) -> None:
     model = TinyTransformer.from_pretrained(tiny_ckpt, quantization_config=TorchAoConfig(name))
     weight = model.blocks[0].attn.weight
     expected = weight.dequantize()
@@ -186,7 +197,9 @@ def test_dequantize_unsupported_raises_and_leaves_model_intact(
 )
 def test_types_needing_a_gpu_refuse_cpu_before_loading(tiny_ckpt: Path, quant_type: str, needs: str) -> None:
     with pytest.raises(qcore.ConfigError, match=needs) as info:
-        TinyTransformer.from_pretrained(tiny_ckpt, quantization_config=TorchAoConfig(quant_type), device_map="cpu")
+        TinyTransformer.from_pretrained(
+            tiny_ckpt, quantization_config=TorchAoConfig(quant_type), device_map="cpu"
+        )
     assert info.value.option == "quant_type"
     assert "cpu" in str(info.value)
 

@@ -72,7 +72,9 @@ def rewrite(path: Path, change: Callable[[dict[str, torch.Tensor], dict[str, str
 
 
 @pytest.mark.parametrize("name", ROUND_TRIP_TYPES)
-def test_save_load_round_trip_is_exact(name: str, tiny_ckpt: Path, tmp_path: Path, tiny_input: torch.Tensor) -> None:
+def test_save_load_round_trip_is_exact(
+    name: str, tiny_ckpt: Path, tmp_path: Path, tiny_input: torch.Tensor
+) -> None:
     config = TorchAoConfig(name, modules_to_not_convert=["proj_out"])
     model = TinyTransformer.from_pretrained(tiny_ckpt, quantization_config=config)
     qcore.save_pretrained(model, tmp_path / name)
@@ -108,7 +110,8 @@ def test_sharded_round_trip_splits_a_weight_across_shards(
     weight_map = index["weight_map"]
     assert len(set(weight_map.values())) > 3
     split = [
-        name for name in json.loads(index["metadata"]["tensor_names"])
+        name
+        for name in json.loads(index["metadata"]["tensor_names"])
         if f"{name.rpartition('.')[0]}._weight_qdata" in weight_map
         and weight_map[f"{name.rpartition('.')[0]}._weight_qdata"]
         != weight_map[f"{name.rpartition('.')[0]}._weight_scale"]
@@ -212,29 +215,62 @@ def _short_qdata(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
 
 
 CORRUPTIONS: dict[str, tuple[Callable[..., None], type[qcore.QcoreError], str]] = {
-    "os.system as tensor type": (_set_entry("_type", "os.system"), qcore.CorruptCheckpointError,
-                                 "'blocks.0.attn.weight' is stored as 'os.system'"),
-    "non-torchao tensor class": (_set_entry("_type", "NF4Tensor"), qcore.CorruptCheckpointError,
-                                 "stored as 'NF4Tensor', which is not a torchao tensor class"),
-    "nested class not allowed": (_nested({"_type": "PosixPath", "_data": "/etc/passwd"}),
-                                 qcore.CorruptCheckpointError, "names 'PosixPath'"),
-    "nested dtype not a dtype": (_nested({"_type": "torch.dtype", "_data": "save"}),
-                                 qcore.CorruptCheckpointError, "'save' is not a torch dtype"),
-    "invalid json": (_raw("{not json"), qcore.CorruptCheckpointError,
-                     "the metadata of 'blocks.0.attn.weight' is not valid JSON"),
-    "no _tensor_data_names": (_set_entry("_tensor_data_names", None), qcore.CorruptCheckpointError,
-                              "'blocks.0.attn.weight' \\(Int8Tensor\\) lacks"),
-    "entry missing": (_drop_entry, qcore.CorruptCheckpointError,
-                      "the metadata of 'blocks.0.attn.weight' is missing"),
-    "tensor_names missing": (_drop_tensor_names, qcore.CorruptCheckpointError,
-                             "carry no torchao tensor metadata"),
-    "tensor_names not json": (_bad_tensor_names, qcore.CorruptCheckpointError,
-                              "'tensor_names' is not valid JSON"),
-    "qdata not quantized": (_float_qdata, qcore.CorruptCheckpointError,
-                            "'blocks.0.attn._weight_qdata' of 'blocks.0.attn.weight'"),
+    "os.system as tensor type": (
+        _set_entry("_type", "os.system"),
+        qcore.CorruptCheckpointError,
+        "'blocks.0.attn.weight' is stored as 'os.system'",
+    ),
+    "non-torchao tensor class": (
+        _set_entry("_type", "NF4Tensor"),
+        qcore.CorruptCheckpointError,
+        "stored as 'NF4Tensor', which is not a torchao tensor class",
+    ),
+    "nested class not allowed": (
+        _nested({"_type": "PosixPath", "_data": "/etc/passwd"}),
+        qcore.CorruptCheckpointError,
+        "names 'PosixPath'",
+    ),
+    "nested dtype not a dtype": (
+        _nested({"_type": "torch.dtype", "_data": "save"}),
+        qcore.CorruptCheckpointError,
+        "'save' is not a torch dtype",
+    ),
+    "invalid json": (
+        _raw("{not json"),
+        qcore.CorruptCheckpointError,
+        "the metadata of 'blocks.0.attn.weight' is not valid JSON",
+    ),
+    "no _tensor_data_names": (
+        _set_entry("_tensor_data_names", None),
+        qcore.CorruptCheckpointError,
+        "'blocks.0.attn.weight' \\(Int8Tensor\\) lacks",
+    ),
+    "entry missing": (
+        _drop_entry,
+        qcore.CorruptCheckpointError,
+        "the metadata of 'blocks.0.attn.weight' is missing",
+    ),
+    "tensor_names missing": (
+        _drop_tensor_names,
+        qcore.CorruptCheckpointError,
+        "carry no torchao tensor metadata",
+    ),
+    "tensor_names not json": (
+        _bad_tensor_names,
+        qcore.CorruptCheckpointError,
+        "'tensor_names' is not valid JSON",
+    ),
+    "qdata not quantized": (
+        _float_qdata,
+        qcore.CorruptCheckpointError,
+        "'blocks.0.attn._weight_qdata' of 'blocks.0.attn.weight'",
+    ),
     "qdata truncated": (_short_qdata, qcore.ShapeMismatchError, "'blocks.0.attn.weight'.*shape"),
-    "unknown tensor attribute": (_set_entry("_data", {"no_such_attribute": 1}), qcore.CorruptCheckpointError,
-                                 "cannot rebuild 'blocks.0.attn.weight' as Int8Tensor"),
+    "unknown tensor attribute": (
+        _set_entry("_data", {"no_such_attribute": 1}),
+        qcore.CorruptCheckpointError,
+        "cannot rebuild 'blocks.0.attn.weight' as Int8Tensor",
+    ),
 }
 
 
