@@ -31,6 +31,7 @@ download bitsandbytes==0.50.2 torchao==0.18.0 diffusers==0.42.1
 # bench/pipeline_bench.py: transformers text encoders (typer and its dependencies: transformers' CLI)
 download transformers==5.23.0 tokenizers==0.23.3 typer click shellingham rich markdown-it-py mdurl
 download pytest==9.2.0 iniconfig pygments  # the gpu-marked tests
+download gguf==0.19.0  # qcore-gguf and its benchmark
 download instanttensor==0.2.2 || echo "instanttensor not downloadable: the instanttensor rows will be skipped" >&2
 
 if [ "${QCORE_BENCH_FULL_BNB:-0}" != 1 ]; then
@@ -56,6 +57,6 @@ for path in glob.glob(".whl/bitsandbytes-*.whl"):
 PY
 fi
 
-"$PY" -m pip wheel -q --no-deps ./core ./plugins/bnb ./plugins/torchao -w .whl
+"$PY" -m pip wheel -q --no-deps ./core ./plugins/bnb ./plugins/torchao ./plugins/gguf ./examples/qcore-int8 -w .whl
 ls -la .whl
 du -sh .whl
