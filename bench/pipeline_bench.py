@@ -30,9 +30,11 @@ bitsandbytes path does.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -351,7 +353,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
         path = args.pipeline if mode == "quantize-on-load" else args.prequantized
         if path is None:
             continue
-        for loader in LOADERS:
+        for repeat, loader in itertools.product(range(args.repeat), LOADERS):
             command = [
                 sys.executable,
                 __file__,
@@ -378,6 +380,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                 if lines
                 else {"loader": loader, "mode": mode, "status": "error", "error": done.stderr[-300:]}
             )
+            record["repeat"] = repeat
             emit(record, args.out)
             records.append(record)
         ours, theirs = (args.refdir / f"{loader}-{mode}.pt" for loader in LOADERS)
@@ -388,9 +391,16 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "max_abs_diff": (a - b).abs().max().item(),
                 "rel_l2_diff": ((a - b).norm() / b.norm()).item(),
             }
-            by = {r["loader"]: r for r in records if r.get("mode") == mode and r.get("status") == "ok"}
-            if len(by) == 2:
-                summary["speedup"] = round(by["diffusers"]["load_s"] / by["qcore"]["load_s"], 2)
+            for loader in LOADERS:
+                runs = [r for r in records if r.get("mode") == mode and r.get("loader") == loader]
+                for key in ("load_s", "peak_rss_gb", "peak_gpu_gb"):
+                    values = [r[key] for r in runs if r.get("status") == "ok" and r.get(key) is not None]
+                    if values:
+                        summary[f"{loader}_{key}_median"] = round(statistics.median(values), 3)
+                        summary[f"{loader}_{key}_range"] = [round(min(values), 3), round(max(values), 3)]
+            medians = [summary.get(f"{loader}_load_s_median") for loader in ("diffusers", "qcore")]
+            if None not in medians:
+                summary["speedup"] = round(medians[0] / medians[1], 2)
             emit(summary, args.out)
     return records
 
@@ -408,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("step", choices=["make", "prequantize", "run", "one", "smoke"])
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each (loader, mode), interleaved")
     parser.add_argument("--size", choices=["tiny", "small", "flux-dev"], default="flux-dev")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--pipeline", type=Path)
