@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import qcore
-from helpers.models import flux_inputs, tiny_flux_config
+from helpers.models import flux_inputs, tiny_flux_config, tiny_llama_config
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -275,17 +275,10 @@ def test_override_serves_diffusers_with_qcore_backend(name: str, flux_dir: Path,
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = tiny_llama_config(vocab_size=128, hidden_size=64, intermediate_size=128)
+    config.max_position_embeddings = 64
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("bridge") / "llama"
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import qcore
+from helpers.models import tiny_llama_config
 from helpers.pipelines import clip_config, t5_config
 
 transformers = pytest.importorskip("transformers")
@@ -53,6 +54,12 @@ def encoders() -> dict[str, tuple[type, Any]]:
         "CLIPTextModel": (transformers.CLIPTextModel, clip_config()),
         "CLIPTextModelWithProjection": (transformers.CLIPTextModelWithProjection, clip_config()),
     }
+
+
+def _int8_weight_only(cls: type, path: Path) -> Any:
+    """``cls`` from ``path`` through qcore, its linears quantized to torchao int8 weight-only, in bfloat16."""
+    config = TorchAoConfig(Int8WeightOnlyConfig())
+    return qcore.from_pretrained(cls, path, quantization_config=config, torch_dtype=torch.bfloat16)
 
 
 @pytest.fixture(scope="module")
@@ -129,12 +136,7 @@ def test_bitsandbytes_selection_equals_transformers(saved: dict[str, Path], name
 @pytest.mark.parametrize("name", sorted(encoders()))
 def test_torchao_selection_equals_transformers(saved: dict[str, Path], name: str) -> None:
     cls = encoders()[name][0]
-    ours = qcore.from_pretrained(
-        cls,
-        saved[name],
-        quantization_config=TorchAoConfig(Int8WeightOnlyConfig()),
-        torch_dtype=torch.bfloat16,
-    )
+    ours = _int8_weight_only(cls, saved[name])
     theirs = cls.from_pretrained(
         saved[name],
         dtype=torch.bfloat16,
@@ -167,12 +169,7 @@ def test_torchao_checkpoint_reloads_in_transformers(
     saved: dict[str, Path], tmp_path: Path, name: str
 ) -> None:
     cls = encoders()[name][0]
-    ours = qcore.from_pretrained(
-        cls,
-        saved[name],
-        quantization_config=TorchAoConfig(Int8WeightOnlyConfig()),
-        torch_dtype=torch.bfloat16,
-    )
+    ours = _int8_weight_only(cls, saved[name])
     ours.save_pretrained(tmp_path / "q")  # transformers' method name, qcore's writer
     assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((tmp_path / "q" / "config.json").read_text())
@@ -248,15 +245,7 @@ def test_push_to_hub_uploads_what_qcore_writes(saved: dict[str, Path], tmp_path:
 def test_causal_lm_with_tied_head(tmp_path: Path) -> None:
     """Any PreTrainedModel: a Llama whose lm_head is tied to its input embedding."""
     cls = transformers.LlamaForCausalLM
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
+    config = tiny_llama_config(tie_word_embeddings=True)
     torch.manual_seed(0)
     cls(config).to(torch.bfloat16).save_pretrained(tmp_path / "llama")
     ids = torch.tensor([[3, 4, 5, 6]])

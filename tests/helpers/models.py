@@ -44,9 +44,9 @@ def make_tiny(seed: int = 0, dtype: torch.dtype = torch.bfloat16, **config: int)
     return TinyTransformer(**config).to(dtype)
 
 
-def tiny_flux_config() -> dict[str, object]:
-    """A FluxTransformer2DModel config small enough for CPU tests."""
-    return dict(
+def tiny_flux_config(**overrides: object) -> dict[str, object]:
+    """A FluxTransformer2DModel config small enough for CPU tests (``overrides`` replace its fields)."""
+    config: dict[str, object] = dict(
         patch_size=1,
         in_channels=16,
         out_channels=None,
@@ -59,6 +59,22 @@ def tiny_flux_config() -> dict[str, object]:
         guidance_embeds=False,
         axes_dims_rope=(4, 6, 6),
     )
+    return {**config, **overrides}
+
+
+def tiny_llama_config(**overrides: object) -> object:
+    """A two-layer LlamaConfig with grouped-query attention, small enough for CPU tests."""
+    from transformers import LlamaConfig
+
+    options: dict[str, object] = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaConfig(**{**options, **overrides})
 
 
 def flux_inputs(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:

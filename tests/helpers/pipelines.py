@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from helpers.models import tiny_flux_config
+
 WORDS = ("a", "cat", "dog", "photo", "of", "the", "red", "blue", "on", "table", "small", "house")
 PROMPT = "a photo of a red cat on the table"
 
@@ -95,34 +97,12 @@ def clip_config(**overrides: Any) -> Any:
 
 def tiny_flux_pipeline(directory: Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Any:
     """Build a random tiny FluxPipeline, save it with diffusers to ``directory`` and return it."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=(4, 4, 8),
-    )
-    vae = AutoencoderKL(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(4,),
-        layers_per_block=1,
-        latent_channels=1,
-        norm_num_groups=1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    transformer = FluxTransformer2DModel(**tiny_flux_config(in_channels=4, axes_dims_rope=(4, 4, 8)))
+    vae = _small_vae(latent_channels=1)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
@@ -131,34 +111,58 @@ def tiny_flux_pipeline(directory: Path, dtype: torch.dtype = torch.bfloat16, see
         text_encoder_2=T5EncoderModel(t5_config()),
         tokenizer_2=t5_tokenizer(),
         transformer=transformer,
-    ).to(dtype)
-    pipe.save_pretrained(directory)
-    return pipe
+    )
+    return _saved(pipe, directory, dtype)
+
+
+def _latents(pipe: Any, steps: int, seed: int, output: str = "images", **options: Any) -> torch.Tensor:
+    """Run ``pipe`` without gradients from a fixed generator and return its latent ``output``."""
+    options.setdefault("prompt", PROMPT)
+    with torch.no_grad():
+        result = pipe(
+            num_inference_steps=steps,
+            max_sequence_length=16,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="latent",
+            **options,
+        )
+    return getattr(result, output)
 
 
 def run_pipeline(pipe: Any, steps: int = 2, seed: int = 0) -> torch.Tensor:
     """Two denoising steps of an 8x8 image from a fixed generator; the latents the transformer made."""
-    with torch.no_grad():
-        return pipe(
-            PROMPT,
-            height=8,
-            width=8,
-            num_inference_steps=steps,
-            guidance_scale=3.5,
-            max_sequence_length=16,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="latent",
-        ).images
+    return _latents(pipe, steps, seed, height=8, width=8, guidance_scale=3.5)
+
+
+def _small_vae(latent_channels: int) -> Any:
+    """An AutoencoderKL with one 4-channel block and Flux's latent shift and scale."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+
+
+def _saved(pipe: Any, directory: Path, dtype: torch.dtype) -> Any:
+    """``pipe`` cast to ``dtype`` and saved by diffusers to ``directory``."""
+    pipe = pipe.to(dtype)
+    pipe.save_pretrained(directory)
+    return pipe
 
 
 def tiny_sd3_pipeline(directory: Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Any:
     """A random tiny StableDiffusion3Pipeline: two CLIPTextModelWithProjection encoders and a T5."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -174,19 +178,7 @@ def tiny_sd3_pipeline(directory: Path, dtype: torch.dtype = torch.bfloat16, seed
         pooled_projection_dim=64,
         out_channels=4,
     )
-    vae = AutoencoderKL(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(4,),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    vae = _small_vae(latent_channels=4)
     vocab = directory.parent / f"{directory.name}-clip-vocab"
     pipe = StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
@@ -198,9 +190,8 @@ def tiny_sd3_pipeline(directory: Path, dtype: torch.dtype = torch.bfloat16, seed
         text_encoder_3=T5EncoderModel(t5_config()),
         tokenizer_3=t5_tokenizer(),
         transformer=transformer,
-    ).to(dtype)
-    pipe.save_pretrained(directory)
-    return pipe
+    )
+    return _saved(pipe, directory, dtype)
 
 
 def tiny_wan_pipeline(directory: Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Any:
@@ -241,39 +232,17 @@ def tiny_wan_pipeline(directory: Path, dtype: torch.dtype = torch.bfloat16, seed
         transformer=transformer,
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-    ).to(dtype)
-    pipe.save_pretrained(directory)
-    return pipe
+    )
+    return _saved(pipe, directory, dtype)
 
 
 def run_sd3(pipe: Any, steps: int = 2, seed: int = 0) -> torch.Tensor:
-    with torch.no_grad():
-        return pipe(
-            PROMPT,
-            height=8,
-            width=8,
-            num_inference_steps=steps,
-            guidance_scale=5.0,
-            max_sequence_length=16,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="latent",
-        ).images
+    return _latents(pipe, steps, seed, height=8, width=8, guidance_scale=5.0)
 
 
 def run_wan(pipe: Any, steps: int = 2, seed: int = 0) -> torch.Tensor:
-    with torch.no_grad():
-        return pipe(
-            PROMPT,
-            negative_prompt="a dog",
-            height=16,
-            width=16,
-            num_frames=5,
-            num_inference_steps=steps,
-            guidance_scale=6.0,
-            max_sequence_length=16,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="latent",
-        ).frames
+    options = dict(negative_prompt="a dog", height=16, width=16, num_frames=5, guidance_scale=6.0)
+    return _latents(pipe, steps, seed, output="frames", **options)
 
 
 def qwen_tokenizer() -> Any:
@@ -353,20 +322,9 @@ def tiny_qwenimage_pipeline(directory: Path, dtype: torch.dtype = torch.bfloat16
         text_encoder=Qwen2_5_VLForConditionalGeneration(config),
         tokenizer=qwen_tokenizer(),
         scheduler=FlowMatchEulerDiscreteScheduler(),
-    ).to(dtype)
-    pipe.save_pretrained(directory)
-    return pipe
+    )
+    return _saved(pipe, directory, dtype)
 
 
 def run_qwenimage(pipe: Any, steps: int = 2, seed: int = 0) -> torch.Tensor:
-    with torch.no_grad():
-        return pipe(
-            "a photo of a red cat",
-            height=32,
-            width=32,
-            num_inference_steps=steps,
-            true_cfg_scale=1.0,
-            max_sequence_length=16,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="latent",
-        ).images
+    return _latents(pipe, steps, seed, prompt="a photo of a red cat", height=32, width=32, true_cfg_scale=1.0)

@@ -8,24 +8,30 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import qcore
-from helpers.models import TinyTransformer, make_tiny
+from helpers.damage import (
+    Edit,
+    assert_refused_by_key_or_harmless,
+    drop,
+    outputs,
+    poke,
+    quantized_checkpoints,
+    replace,
+)
+from helpers.models import TinyTransformer
 from qcore_bnb import BitsAndBytesConfig
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 TARGET = "proj_in.weight"  # 64 x 64: 64 blocks of 64 values, one nested block
 LOADS = None  # expected outcome: the damage is harmless and the model loads unchanged
 
-Edit = Callable[[dict[str, torch.Tensor]], None]
 
 CONFIGS = {
     "nf4-dq": BitsAndBytesConfig(
@@ -38,37 +44,7 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("bnb-hostile")
-    plain = root / "bf16"
-    qcore.save_pretrained(make_tiny(), plain)
-    paths = {}
-    for name, config in CONFIGS.items():
-        model = qcore.from_pretrained(
-            TinyTransformer, plain, quantization_config=config, torch_dtype=torch.bfloat16
-        )
-        paths[name] = root / name
-        qcore.save_pretrained(model, paths[name])
-    return paths
-
-
-# --- edits --------------------------------------------------------------------------------------
-
-
-def drop(key: str) -> Edit:
-    return lambda t: t.pop(key)
-
-
-def replace(key: str, make: Callable[[torch.Tensor], torch.Tensor]) -> Edit:
-    return lambda t: t.__setitem__(key, make(t[key]))
-
-
-def poke(key: str, value: float) -> Edit:
-    def edit(t: dict[str, torch.Tensor]) -> None:
-        damaged = t[key].clone()
-        damaged.view(-1)[0] = value
-        t[key] = damaged
-
-    return edit
+    return quantized_checkpoints(tmp_path_factory.mktemp("bnb-hostile"), CONFIGS, torch_dtype=torch.bfloat16)
 
 
 def state_key(quant_type: str) -> str:
@@ -78,7 +54,7 @@ def state_key(quant_type: str) -> str:
 def edit_state(quant_type: str, change: Callable[[dict[str, Any]], None]) -> Edit:
     key = state_key(quant_type)
 
-    def edit(t: dict[str, torch.Tensor]) -> None:
+    def edit(t: dict[str, torch.Tensor], m: dict[str, str]) -> None:
         info = json.loads(bytes(t[key].tolist()).decode())
         change(info)
         t[key] = torch.tensor(list(json.dumps(info).encode()), dtype=torch.uint8)
@@ -192,7 +168,7 @@ def state_cases(checkpoint: str, quant_type: str, nested: bool) -> list[tuple[st
     return cases
 
 
-def fp4_table_in_nf4(t: dict[str, torch.Tensor]) -> None:
+def fp4_table_in_nf4(t: dict[str, torch.Tensor], m: dict[str, str]) -> None:
     import bitsandbytes
 
     t[f"{TARGET}.quant_map"] = bitsandbytes.functional.get_4bit_type("fp4", device="cpu").float()
@@ -210,7 +186,7 @@ CASES = [
     (
         "fp4",
         "stray nested_absmax",
-        lambda t: t.__setitem__(f"{TARGET}.nested_absmax", torch.ones(1)),
+        lambda t, m: t.__setitem__(f"{TARGET}.nested_absmax", torch.ones(1)),
         state_key("fp4"),
     ),
     ("nf4-dq", "quant_map of fp4", fp4_table_in_nf4, f"{TARGET}.quant_map"),
@@ -245,9 +221,7 @@ def load(path: Path) -> TinyTransformer:
 
 @pytest.fixture(scope="module")
 def expected_outputs(checkpoints: dict[str, Path]) -> dict[str, torch.Tensor]:
-    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    with torch.no_grad():
-        return {name: load(path)(x) for name, path in checkpoints.items()}
+    return outputs(checkpoints, load)
 
 
 def test_the_generated_set_is_large() -> None:
@@ -267,17 +241,5 @@ def test_damaged_statistic_is_refused_by_key_or_harmless(
     edit: Edit,
     key: str | None,
 ) -> None:
-    path = tmp_path / "damaged"
-    shutil.copytree(checkpoints[checkpoint], path)
-    tensors = load_file(path / WEIGHTS)
-    edit(tensors)
-    save_file(tensors, path / WEIGHTS, metadata={"format": "pt"})
-    if key is None:
-        model = load(path)
-        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-        with torch.no_grad():
-            assert torch.equal(model(x), expected_outputs[checkpoint])
-        return
-    with pytest.raises(qcore.QcoreError) as info:
-        load(path)
-    assert key in str(info.value), f"{label}: {info.value}"
+    source, expected = checkpoints[checkpoint], expected_outputs[checkpoint]
+    assert_refused_by_key_or_harmless(source, tmp_path / "damaged", edit, key, label, expected, load)

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-import qcore
-from helpers.models import TinyTransformer, make_tiny
+from helpers.damage import (
+    Edit,
+    assert_refused_by_key_or_harmless,
+    drop,
+    outputs,
+    poke,
+    quantized_checkpoints,
+    replace,
+)
+from helpers.models import TinyTransformer
 from qcore_torchao import TorchAoConfig
 
 TARGET = "proj_in.weight"  # 64 x 64
@@ -28,46 +32,14 @@ QDATA, SCALE, ZERO = "proj_in._weight_qdata", "proj_in._weight_scale", "proj_in.
 # int4dq: IntxUnpackedToInt8Tensor, int4 values in groups of 32 columns, with zero points.
 QUANT_TYPES = ("int8wo", "int8dq", "float8wo", "int4dq")
 
-Edit = Callable[[dict[str, torch.Tensor], dict[str, str]], None]
-
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("torchao-hostile")
-    plain = root / "bf16"
-    qcore.save_pretrained(make_tiny(), plain)
-    paths = {}
-    for name in QUANT_TYPES:
-        model = TinyTransformer.from_pretrained(plain, quantization_config=TorchAoConfig(name))
-        paths[name] = root / name
-        qcore.save_pretrained(model, paths[name])
-    return paths
-
-
-def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    (weights,) = path.glob("*.safetensors")
-    with safe_open(str(weights), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    configs = {name: TorchAoConfig(name) for name in QUANT_TYPES}
+    return quantized_checkpoints(tmp_path_factory.mktemp("torchao-hostile"), configs)
 
 
 # --- edits --------------------------------------------------------------------------------------
-
-
-def drop(key: str) -> Edit:
-    return lambda t, m: t.pop(key)
-
-
-def replace(key: str, make: Callable[[torch.Tensor], torch.Tensor]) -> Edit:
-    return lambda t, m: t.__setitem__(key, make(t[key]))
-
-
-def poke(key: str, value: float) -> Edit:
-    def edit(t: dict[str, torch.Tensor], m: dict[str, str]) -> None:
-        damaged = t[key].clone()
-        damaged.view(-1)[0] = value
-        t[key] = damaged
-
-    return edit
 
 
 def set_block_size(value: object) -> Edit:
@@ -149,14 +121,9 @@ def load(path: Path) -> TinyTransformer:
     return TinyTransformer.from_pretrained(path)
 
 
-def x() -> torch.Tensor:
-    return torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-
-
 @pytest.fixture(scope="module")
 def expected_outputs(checkpoints: dict[str, Path]) -> dict[str, torch.Tensor]:
-    with torch.no_grad():
-        return {name: load(path)(x()) for name, path in checkpoints.items()}
+    return outputs(checkpoints, load)
 
 
 def test_the_generated_set_is_large() -> None:
@@ -176,16 +143,5 @@ def test_damaged_inner_tensor_is_refused_by_key_or_harmless(
     edit: Edit,
     key: str | None,
 ) -> None:
-    path = tmp_path / "damaged"
-    shutil.copytree(checkpoints[quant_type], path)
-    tensors, metadata = read(path)
-    edit(tensors, metadata)
-    (weights,) = path.glob("*.safetensors")
-    save_file(tensors, str(weights), metadata=metadata)
-    if key is None:
-        with torch.no_grad():
-            assert torch.equal(load(path)(x()), expected_outputs[quant_type])
-        return
-    with pytest.raises(qcore.QcoreError) as info:
-        load(path)
-    assert key in str(info.value), f"{label}: {info.value}"
+    source, expected = checkpoints[quant_type], expected_outputs[quant_type]
+    assert_refused_by_key_or_harmless(source, tmp_path / "damaged", edit, key, label, expected, load)
