@@ -18,7 +18,7 @@ import copy
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
@@ -507,7 +507,8 @@ def create_quantized(
             state_dict=tensors,
             metadata=reader.metadata,
         )
-    except QcoreError:
+    except QcoreError as exc:
+        name_the_files(exc, reader, tensors)
         raise
     except Exception as exc:
         raise CorruptCheckpointError(
@@ -515,6 +516,16 @@ def create_quantized(
             f"{quant.backend_name} could not create the quantized parameter: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+
+
+def name_the_files(exc: QcoreError, reader: CheckpointReader, keys: Iterable[str]) -> None:
+    """Put the files of ``keys`` in front of a backend's error that names none of them: backends know the
+    tensor at fault, only the loader knows the file it came from."""
+    paths = sorted({str(reader.key_file[key]) for key in keys if key in reader.key_file})
+    message = str(exc)
+    plain = len(exc.args) == 1 and exc.args[0] == message  # errors that format their own text are left
+    if paths and plain and not any(Path(path).name in message for path in paths):
+        exc.args = (f"{', '.join(paths)}: {message}",)
 
 
 def check_quantized_shape(load: _Load, param_name: str, value: torch.Tensor) -> None:
