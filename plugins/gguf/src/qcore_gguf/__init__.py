@@ -1,8 +1,9 @@
 """qcore-gguf: GGUF checkpoints (city96-style diffusion model files) for qcore.
 
 Installed, it registers three plugins: the backend ``gguf`` (group ``qcore.backends``), the reader of
-``.gguf`` files (group ``qcore.formats``) and the converter from Black Forest Labs' Flux naming to
-diffusers' ``FluxTransformer2DModel`` (group ``qcore.converters``)::
+``.gguf`` files (group ``qcore.formats``) and converters (group ``qcore.converters``) from the original
+namings of Flux, SD3/SD3.5 and Wan 2.x to diffusers' ``FluxTransformer2DModel``,
+``SD3Transformer2DModel`` and ``WanTransformer3DModel``::
 
     model = qcore.from_pretrained(FluxTransformer2DModel, "flux1-dev-Q4_K_S.gguf", torch_dtype=torch.bfloat16)
 
@@ -22,7 +23,9 @@ from ._flux import FluxConverter
 from ._format import GGUFFormat
 from ._linear import GGUFLinear
 from ._quantizer import GGUFQuantizer
+from ._sd3 import SD3Converter
 from ._tensor import GGUFWeight
+from ._wan import WanConverter
 
 try:
     __version__ = version("qcore-gguf")
@@ -41,6 +44,8 @@ __all__ = [
     "GGUFLinear",
     "GGUFQuantizer",
     "GGUFWeight",
+    "SD3Converter",
+    "WanConverter",
     "backend",
     "dequantize_blocks",
     "__version__",

@@ -6,26 +6,14 @@ with every width read from the tensor shapes instead of assuming Flux-dev's 3072
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import qcore
 
-PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+from ._naming import count_blocks, strip_prefix
+
 _FLUX_ROPE_AXES = {128: (16, 56, 56)}
-
-
-def _strip(tensors: Mapping[str, qcore.TensorInfo]) -> tuple[str, dict[str, qcore.TensorInfo]]:
-    for prefix in PREFIXES:
-        if any(key.startswith(prefix) for key in tensors):
-            return prefix, {key.removeprefix(prefix): info for key, info in tensors.items()}
-    return "", dict(tensors)
-
-
-def _count(keys: Mapping[str, Any], block: str) -> int:
-    found = {int(m.group(1)) for key in keys if (m := re.match(rf"{block}\.(\d+)\.", key))}
-    return max(found) + 1 if found else 0
 
 
 class FluxConverter(qcore.KeyConverter):
@@ -36,7 +24,7 @@ class FluxConverter(qcore.KeyConverter):
     model_class = "FluxTransformer2DModel"
 
     def matches(self, tensors: Mapping[str, qcore.TensorInfo]) -> bool:
-        _, stripped = _strip(tensors)
+        _, stripped = strip_prefix(tensors)
         return "img_in.weight" in stripped and any(k.startswith("double_blocks.") for k in stripped)
 
     def _width(self, stripped: Mapping[str, qcore.TensorInfo], where: str) -> int:
@@ -46,7 +34,7 @@ class FluxConverter(qcore.KeyConverter):
         return info.shape[0]
 
     def convert(self, tensors: Mapping[str, qcore.TensorInfo]) -> dict[str, list[qcore.RowRange]]:
-        prefix, stripped = _strip(tensors)
+        prefix, stripped = strip_prefix(tensors)
         width = self._width(stripped, "FluxConverter")
         out: dict[str, list[qcore.RowRange]] = {}
 
@@ -69,7 +57,7 @@ class FluxConverter(qcore.KeyConverter):
         linear("context_embedder", "txt_in")
         linear("x_embedder", "img_in")
 
-        for i in range(_count(stripped, "double_blocks")):
+        for i in range(count_blocks(stripped, "double_blocks")):
             src, dst = f"double_blocks.{i}", f"transformer_blocks.{i}"
             linear(f"{dst}.norm1.linear", f"{src}.img_mod.lin")
             linear(f"{dst}.norm1_context.linear", f"{src}.txt_mod.lin")
@@ -96,7 +84,7 @@ class FluxConverter(qcore.KeyConverter):
             linear(f"{dst}.attn.to_out.0", f"{src}.img_attn.proj")
             linear(f"{dst}.attn.to_add_out", f"{src}.txt_attn.proj")
 
-        for i in range(_count(stripped, "single_blocks")):
+        for i in range(count_blocks(stripped, "single_blocks")):
             src, dst = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
             linear(f"{dst}.norm.linear", f"{src}.modulation.lin")
             for kind in ("weight", "bias"):
@@ -121,7 +109,7 @@ class FluxConverter(qcore.KeyConverter):
         return out
 
     def infer_config(self, tensors: Mapping[str, qcore.TensorInfo]) -> dict[str, Any] | None:
-        _, stripped = _strip(tensors)
+        _, stripped = strip_prefix(tensors)
         width = self._width(stripped, "FluxConverter")
         norm = stripped.get("double_blocks.0.img_attn.norm.query_norm.scale") or stripped.get(
             "single_blocks.0.norm.query_norm.scale"
@@ -141,8 +129,8 @@ class FluxConverter(qcore.KeyConverter):
             "patch_size": 1,
             "in_channels": in_channels,
             "out_channels": None if out_channels == in_channels else out_channels,
-            "num_layers": _count(stripped, "double_blocks"),
-            "num_single_layers": _count(stripped, "single_blocks"),
+            "num_layers": count_blocks(stripped, "double_blocks"),
+            "num_single_layers": count_blocks(stripped, "single_blocks"),
             "attention_head_dim": head_dim,
             "num_attention_heads": width // head_dim,
             "joint_attention_dim": stripped["txt_in.weight"].shape[1],

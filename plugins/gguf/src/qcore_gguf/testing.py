@@ -229,11 +229,19 @@ def bfl_flux_shapes(config: Mapping[str, Any] = TINY_FLUX) -> dict[str, tuple[in
     return shapes
 
 
-def bfl_flux_arrays(config: Mapping[str, Any] = TINY_FLUX, seed: int = 0) -> dict[str, np.ndarray]:
+def _is_norm_weight(name: str, shape: tuple[int, ...]) -> bool:
+    last = name.rsplit(".", 2)[-2:]
+    return name.endswith(".scale") or (
+        len(shape) == 1 and last[-1] == "weight" and ("norm" in last[0] or last[0].startswith("ln_"))
+    )
+
+
+def random_arrays(shapes: Mapping[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 weights for these shapes: norm weights near 1, the rest scaled by 1/sqrt(fan-in)."""
     rng = np.random.default_rng(seed)
     arrays = {}
-    for name, shape in bfl_flux_shapes(config).items():
-        if name.endswith(".scale"):
+    for name, shape in shapes.items():
+        if _is_norm_weight(name, shape):
             arrays[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         else:
             fan_in = shape[-1] if len(shape) == 2 else 64
@@ -241,12 +249,19 @@ def bfl_flux_arrays(config: Mapping[str, Any] = TINY_FLUX, seed: int = 0) -> dic
     return arrays
 
 
+def bfl_flux_arrays(config: Mapping[str, Any] = TINY_FLUX, seed: int = 0) -> dict[str, np.ndarray]:
+    return random_arrays(bfl_flux_shapes(config), seed)
+
+
 def city96_type(quant_type: str) -> Callable[[str, tuple[int, ...]], str]:
-    """city96's choice per tensor: 1-D tensors in F32, weights whose rows are not whole blocks in F16."""
+    """city96's choice per tensor: 1-D tensors and tables (``pos_embed``, ``modulation``) in F32, conv
+    kernels and weights whose rows are not whole blocks in F16."""
 
     def choose(name: str, shape: tuple[int, ...]) -> str:
-        if len(shape) == 1:
+        if len(shape) == 1 or (len(shape) > 2 and not name.endswith(".weight")):
             return "F32"
+        if len(shape) > 2:
+            return "F16"
         return quant_type if shape[-1] % GGML_TYPES[quant_type][1] == 0 else "F16"
 
     return choose
@@ -265,3 +280,145 @@ def write_bfl_flux_gguf(
     tensors = {prefix + name: (array, choose(name, array.shape)) for name, array in arrays.items()}
     write_gguf(path, tensors, architecture="flux")
     return path
+
+
+def write_original_gguf(
+    path: Path,
+    arrays: Mapping[str, np.ndarray],
+    quant_type: str | Callable[[str, tuple[int, ...]], str],
+    *,
+    prefix: str = "model.diffusion_model.",
+    architecture: str,
+) -> Path:
+    """Write arrays in a model's original naming as city96 does (``quant_type`` chosen per tensor by
+    :func:`city96_type` when given as a type name)."""
+    choose = city96_type(quant_type) if isinstance(quant_type, str) else quant_type
+    tensors = {prefix + name: (array, choose(name, array.shape)) for name, array in arrays.items()}
+    write_gguf(path, tensors, architecture=architecture)
+    return path
+
+
+# --- tiny SD3 / SD3.5 files in Stability AI's original MMDiT naming ------------------------------
+
+# An SD3.5-medium-like SD3Transformer2DModel config (qk-norm, a dual-attention block), CPU-sized.
+TINY_SD3 = {
+    "_class_name": "SD3Transformer2DModel",
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 2,
+    "attention_head_dim": 64,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 256,
+    "caption_projection_dim": 256,
+    "pooled_projection_dim": 256,
+    "out_channels": 16,
+    "pos_embed_max_size": 16,
+    "dual_attention_layers": [0],
+    "qk_norm": "rms_norm",
+}
+
+
+def sd3_shapes(config: Mapping[str, Any] = TINY_SD3) -> dict[str, tuple[int, ...]]:
+    """Original SD3 tensor names and shapes of an SD3Transformer2DModel with this diffusers config."""
+    h = config["num_attention_heads"] * config["attention_head_dim"]
+    p, d, layers = config["patch_size"], config["attention_head_dim"], config["num_layers"]
+    shapes: dict[str, tuple[int, ...]] = {"pos_embed": (1, config["pos_embed_max_size"] ** 2, h)}
+
+    def linear(name: str, out: int, inp: int) -> None:
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (out, inp), (out,)
+
+    shapes["x_embedder.proj.weight"] = (h, config["in_channels"], p, p)
+    shapes["x_embedder.proj.bias"] = (h,)
+    linear("t_embedder.mlp.0", h, 256)
+    linear("t_embedder.mlp.2", h, h)
+    linear("y_embedder.mlp.0", h, config["pooled_projection_dim"])
+    linear("y_embedder.mlp.2", h, h)
+    linear("context_embedder", config["caption_projection_dim"], config["joint_attention_dim"])
+    for i in range(layers):
+        last, dual = i == layers - 1, i in config["dual_attention_layers"]
+        for stream in ("x_block", "context_block"):
+            b = f"joint_blocks.{i}.{stream}"
+            pre_only = last and stream == "context_block"
+            chunks = 2 if pre_only else 9 if dual and stream == "x_block" else 6
+            linear(f"{b}.adaLN_modulation.1", chunks * h, h)
+            attentions = ("attn", "attn2") if dual and stream == "x_block" else ("attn",)
+            for attn in attentions:
+                linear(f"{b}.{attn}.qkv", 3 * h, h)
+                if config["qk_norm"]:
+                    shapes[f"{b}.{attn}.ln_q.weight"] = shapes[f"{b}.{attn}.ln_k.weight"] = (d,)
+                if not pre_only:
+                    linear(f"{b}.{attn}.proj", h, h)
+            if not pre_only:
+                linear(f"{b}.mlp.fc1", 4 * h, h)
+                linear(f"{b}.mlp.fc2", h, 4 * h)
+    linear("final_layer.linear", p * p * config["out_channels"], h)
+    linear("final_layer.adaLN_modulation.1", 2 * h, h)
+    return shapes
+
+
+# --- tiny Wan 2.x files in Wan-AI's original naming ----------------------------------------------
+
+# A Wan2.1-T2V-like WanTransformer3DModel config, CPU-sized; image_dim/added_kv_proj_dim make it I2V.
+TINY_WAN = {
+    "_class_name": "WanTransformer3DModel",
+    "patch_size": [1, 2, 2],
+    "num_attention_heads": 2,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 256,
+    "freq_dim": 256,
+    "ffn_dim": 512,
+    "num_layers": 2,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-06,
+    "image_dim": None,
+    "added_kv_proj_dim": None,
+    "rope_max_seq_len": 1024,
+    "pos_embed_seq_len": None,
+}
+
+
+def wan_shapes(config: Mapping[str, Any] = TINY_WAN) -> dict[str, tuple[int, ...]]:
+    """Original Wan tensor names and shapes of a WanTransformer3DModel with this diffusers config."""
+    h = config["num_attention_heads"] * config["attention_head_dim"]
+    patch = tuple(config["patch_size"])
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def linear(name: str, out: int, inp: int) -> None:
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (out, inp), (out,)
+
+    shapes["patch_embedding.weight"] = (h, config["in_channels"], *patch)
+    shapes["patch_embedding.bias"] = (h,)
+    linear("text_embedding.0", h, config["text_dim"])
+    linear("text_embedding.2", h, h)
+    linear("time_embedding.0", h, config["freq_dim"])
+    linear("time_embedding.2", h, h)
+    linear("time_projection.1", 6 * h, h)
+    for i in range(config["num_layers"]):
+        b = f"blocks.{i}"
+        shapes[f"{b}.modulation"] = (1, 6, h)
+        for attn in ("self_attn", "cross_attn"):
+            for name in ("q", "k", "v", "o"):
+                linear(f"{b}.{attn}.{name}", h, h)
+            if config["qk_norm"]:
+                shapes[f"{b}.{attn}.norm_q.weight"] = shapes[f"{b}.{attn}.norm_k.weight"] = (h,)
+        if config["added_kv_proj_dim"]:
+            linear(f"{b}.cross_attn.k_img", h, config["added_kv_proj_dim"])
+            linear(f"{b}.cross_attn.v_img", h, config["added_kv_proj_dim"])
+            shapes[f"{b}.cross_attn.norm_k_img.weight"] = (h,)
+        if config["cross_attn_norm"]:
+            shapes[f"{b}.norm3.weight"] = shapes[f"{b}.norm3.bias"] = (h,)
+        linear(f"{b}.ffn.0", config["ffn_dim"], h)
+        linear(f"{b}.ffn.2", h, config["ffn_dim"])
+    if config["image_dim"]:
+        image = config["image_dim"]
+        shapes["img_emb.proj.0.weight"] = shapes["img_emb.proj.0.bias"] = (image,)
+        linear("img_emb.proj.1", image, image)
+        linear("img_emb.proj.3", h, image)
+        shapes["img_emb.proj.4.weight"] = shapes["img_emb.proj.4.bias"] = (h,)
+    linear("head.head", config["out_channels"] * int(np.prod(patch)), h)
+    shapes["head.modulation"] = (1, 2, h)
+    return shapes
