@@ -4,6 +4,11 @@ qcore loads the components that are to be quantized (and those already quantized
 :func:`qcore.from_pretrained`; diffusers loads every other component exactly as it would on its own and
 assembles the pipeline. The returned object is the diffusers pipeline itself, whose ``save_pretrained``
 writes the whole directory atomically.
+
+A pipeline assembled by hand (``FluxPipeline(transformer=..., ...)``) keeps diffusers' own
+``save_pretrained``, which saves component by component: each folder of a qcore-loaded component is
+replaced atomically, the directory as a whole is not. qcore does not patch diffusers' classes; passing the
+hand-made components to :func:`load_pipeline` as keyword arguments gives the atomic pipeline save.
 """
 
 from __future__ import annotations
@@ -11,8 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +29,8 @@ from ._config import QuantizationConfig
 from ._errors import CheckpointNotFoundError, ConfigError, DtypeCastError
 from ._helpers import version_at_least
 from ._loading import from_pretrained
+from ._model import family_of
+from ._saving import superseded_weight_files
 
 logger = logging.getLogger("qcore")
 
@@ -81,8 +87,10 @@ def load_pipeline(
     index = read_json(root / MODEL_INDEX)
     models = model_components(index)
     plan = quantization_plan(index, quantization_config, components)
-    plan.update({name: None for name in models if name not in plan and _is_prequantized(root / name)})
-    passed = sorted(set(plan) & set(pipeline_kwargs))
+    given = set(pipeline_kwargs)
+    prequantized = [name for name in models if name not in given and _is_prequantized(root / name)]
+    plan.update({name: None for name in prequantized if name not in plan})
+    passed = sorted(set(plan) & given)
     if passed:
         raise ConfigError(
             f"component(s) {', '.join(passed)} were passed as objects and also chosen for quantization; "
@@ -291,18 +299,30 @@ def _save_pipeline_atomically(self: Any, save_directory: str | os.PathLike[str],
     target = Path(save_directory)
     if kwargs.get("push_to_hub"):
         kwargs.setdefault("repo_id", target.absolute().name)
-    with atomic_directory(target, superseded=_superseded) as staging:
+    stale = superseded_component_files(
+        self.components, kwargs.get("variant"), kwargs.get("safe_serialization", True)
+    )
+    with atomic_directory(target, superseded=stale) as staging:
         super(type(self), self).save_pretrained(str(staging), **kwargs)
 
 
-# Weight files and indexes inside a component folder: a new save of the component makes the old ones stale.
-_COMPONENT_WEIGHTS = re.compile(
-    r"[^/]+/(diffusion_pytorch_model|model|pytorch_model)([.-][^/]*)?\.(safetensors|bin|json)"
-)
+def superseded_component_files(
+    components: Mapping[str, Any], variant: str | None, safe_serialization: bool
+) -> Callable[[str], bool]:
+    """Which files of an existing pipeline directory a save makes stale, by relative path: in each model
+    component's folder, what a save of that model alone in ``variant`` makes stale (other variants stay)."""
+    by_folder: dict[str, Callable[[str], bool]] = {}
+    for name, component in components.items():
+        if isinstance(component, torch.nn.Module):
+            family = family_of(component)
+            weights_name = family.weights_name if safe_serialization else family.bin_weights_name
+            by_folder[name] = superseded_weight_files(weights_name, variant)
 
+    def superseded(relative: str) -> bool:
+        folder, _, inside = relative.partition("/")
+        return folder in by_folder and by_folder[folder](inside)
 
-def _superseded(relative: str) -> bool:
-    return _COMPONENT_WEIGHTS.fullmatch(relative) is not None
+    return superseded
 
 
 def _entries(model_index: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
