@@ -1,4 +1,5 @@
-"""Damaging one quantized weight of a saved TinyTransformer checkpoint, and the rule each damage obeys.
+"""Damaging a saved TinyTransformer checkpoint (one quantized weight, or its quantization_config), and
+the rule each damaged weight obeys.
 
 The backends' hostile tests share this: an :data:`Edit` changes the tensors (and, where a backend keeps
 its layout there, the safetensors metadata) of a copy of a valid checkpoint. The damaged copy must either
@@ -8,6 +9,7 @@ checkpoint key at fault; it may never load and compute something else.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -43,21 +45,47 @@ def poke(key: str, value: float) -> Edit:
     return edit
 
 
+def quantize_and_save(
+    plain: Path, config: qcore.QuantizationConfig, target: Path, torch_dtype: torch.dtype | None = None
+) -> Path:
+    """The TinyTransformer checkpoint ``plain`` loaded with ``config`` (and ``torch_dtype``), saved to
+    ``target``."""
+    model = qcore.from_pretrained(TinyTransformer, plain, quantization_config=config, torch_dtype=torch_dtype)
+    qcore.save_pretrained(model, target)
+    return target
+
+
 def quantized_checkpoints(
     root: Path, configs: Mapping[str, qcore.QuantizationConfig], torch_dtype: torch.dtype | None = None
 ) -> dict[str, Path]:
-    """A bfloat16 TinyTransformer saved under ``root``, then loaded with each config (and ``torch_dtype``)
-    and saved under the config's name."""
-    plain = root / "bf16"
-    qcore.save_pretrained(make_tiny(), plain)
-    paths = {}
-    for name, config in configs.items():
-        model = qcore.from_pretrained(
-            TinyTransformer, plain, quantization_config=config, torch_dtype=torch_dtype
-        )
-        paths[name] = root / name
-        qcore.save_pretrained(model, paths[name])
-    return paths
+    """A bfloat16 TinyTransformer saved under ``root``, then quantized by each config and saved under the
+    config's name."""
+    plain = save_tiny(root)
+    return {name: quantize_and_save(plain, cfg, root / name, torch_dtype) for name, cfg in configs.items()}
+
+
+def save_tiny(directory: Path) -> Path:
+    """A bfloat16 TinyTransformer saved to ``directory / "bf16"``."""
+    path = directory / "bf16"
+    qcore.save_pretrained(make_tiny(), path)
+    return path
+
+
+def with_quantization_config(source: Path, target: Path, **extra: object) -> Path:
+    """A copy of the checkpoint ``source`` at ``target`` whose config.json's quantization_config has
+    ``extra`` added (what another writer, or a newer one, puts there)."""
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    config["quantization_config"].update(extra)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def assert_names_option(error: qcore.ConfigError, key: str, suggestion: str | None) -> None:
+    """``error`` is about the option ``key`` and, where there is one, suggests ``suggestion``."""
+    assert error.option == key and repr(key) in str(error)
+    if suggestion:
+        assert f"did you mean {suggestion!r}" in str(error)
 
 
 def tiny_input() -> torch.Tensor:

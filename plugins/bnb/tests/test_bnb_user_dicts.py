@@ -3,7 +3,6 @@ a checkpoint's quantization_config tolerates what other writers add."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -11,28 +10,21 @@ import pytest
 import torch
 
 import qcore
-from helpers.models import TinyTransformer, make_tiny
+from helpers.damage import assert_names_option, quantize_and_save, save_tiny, with_quantization_config
+from helpers.models import TinyTransformer
 from qcore.cli import main
 from qcore_bnb import BitsAndBytesConfig
 
 
 @pytest.fixture(scope="module")
 def bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("bnb-dicts") / "bf16"
-    qcore.save_pretrained(make_tiny(), path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("bnb-dicts"))
 
 
 @pytest.fixture(scope="module")
 def nf4(bf16: Path) -> Path:
-    model = qcore.from_pretrained(
-        TinyTransformer,
-        bf16,
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
-    )
-    path = bf16.parent / "nf4"
-    qcore.save_pretrained(model, path)
-    return path
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    return quantize_and_save(bf16, config, bf16.parent / "nf4")
 
 
 TYPOS = [
@@ -51,10 +43,7 @@ def test_user_dict_with_a_mistyped_key_is_refused(
     config = {"quant_method": "bitsandbytes", "load_in_4bit": True, **extra}
     with pytest.raises(qcore.ConfigError) as info:
         qcore.from_pretrained(TinyTransformer, bf16, quantization_config=config)
-    assert info.value.option == key
-    assert repr(key) in str(info.value)
-    if suggestion:
-        assert f"did you mean {suggestion!r}" in str(info.value)
+    assert_names_option(info.value, key, suggestion)
 
 
 def test_user_dict_in_config_json_form_is_accepted(bf16: Path) -> None:
@@ -75,20 +64,10 @@ def test_cli_set_with_a_mistyped_key_exits_1_naming_it(
     assert not (tmp_path / "out").exists()
 
 
-def rewrite_config(source: Path, target: Path, **extra: object) -> Path:
-    import shutil
-
-    shutil.copytree(source, target)
-    config = json.loads((target / "config.json").read_text())
-    config["quantization_config"].update(extra)
-    (target / "config.json").write_text(json.dumps(config))
-    return target
-
-
 def test_checkpoint_keys_of_a_newer_writer_load_with_a_warning(
     nf4: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = rewrite_config(nf4, tmp_path / "newer", some_future_field=1, bnb_4bit_quant_typ="fp4")
+    path = with_quantization_config(nf4, tmp_path / "newer", some_future_field=1, bnb_4bit_quant_typ="fp4")
     with caplog.at_level(logging.WARNING, logger="qcore"):
         model = qcore.from_pretrained(TinyTransformer, path, torch_dtype=torch.bfloat16)
     assert model.hf_quantizer.quantization_config.bnb_4bit_quant_type == "nf4"
@@ -99,7 +78,7 @@ def test_checkpoint_keys_of_a_newer_writer_load_with_a_warning(
 def test_checkpoint_strings_in_the_warning_are_escaped(
     nf4: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = rewrite_config(nf4, tmp_path / "hostile", **{"\x1b[31mred": 1})
+    path = with_quantization_config(nf4, tmp_path / "hostile", **{"\x1b[31mred": 1})
     with caplog.at_level(logging.WARNING, logger="qcore"):
         qcore.from_pretrained(TinyTransformer, path, torch_dtype=torch.bfloat16)
     assert "\x1b" not in caplog.text and "\\x1b[31mred" in caplog.text

@@ -3,31 +3,25 @@ tolerates the keys transformers writes."""
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from pathlib import Path
 
 import pytest
 
 import qcore
-from helpers.models import TinyTransformer, make_tiny
+from helpers.damage import assert_names_option, quantize_and_save, save_tiny, with_quantization_config
+from helpers.models import TinyTransformer
 from qcore_torchao import TorchAoConfig
 
 
 @pytest.fixture(scope="module")
 def bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("torchao-dicts") / "bf16"
-    qcore.save_pretrained(make_tiny(), path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("torchao-dicts"))
 
 
 @pytest.fixture(scope="module")
 def int8wo(bf16: Path) -> Path:
-    model = TinyTransformer.from_pretrained(bf16, quantization_config=TorchAoConfig("int8wo"))
-    path = bf16.parent / "int8wo"
-    qcore.save_pretrained(model, path)
-    return path
+    return quantize_and_save(bf16, TorchAoConfig("int8wo"), bf16.parent / "int8wo")
 
 
 @pytest.mark.parametrize(
@@ -51,23 +45,13 @@ def test_user_dict_with_an_unknown_key_is_refused(
 ) -> None:
     with pytest.raises(qcore.ConfigError) as info:
         TinyTransformer.from_pretrained(bf16, quantization_config={"quant_method": "torchao", **config})
-    assert info.value.option == key and repr(key) in str(info.value)
-    if suggestion:
-        assert f"did you mean {suggestion!r}" in str(info.value)
-
-
-def rewrite_config(source: Path, target: Path, **extra: object) -> Path:
-    shutil.copytree(source, target)
-    config = json.loads((target / "config.json").read_text())
-    config["quantization_config"].update(extra)
-    (target / "config.json").write_text(json.dumps(config))
-    return target
+    assert_names_option(info.value, key, suggestion)
 
 
 def test_transformers_keys_in_a_checkpoint_load_silently(
     int8wo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = rewrite_config(
+    path = with_quantization_config(
         int8wo,
         tmp_path / "transformers",
         include_input_output_embeddings=False,
@@ -83,7 +67,7 @@ def test_transformers_keys_in_a_checkpoint_load_silently(
 def test_unknown_checkpoint_keys_load_with_a_warning_naming_them(
     int8wo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = rewrite_config(int8wo, tmp_path / "newer", some_future_field=True)
+    path = with_quantization_config(int8wo, tmp_path / "newer", some_future_field=True)
     with caplog.at_level(logging.WARNING, logger="qcore"):
         model = TinyTransformer.from_pretrained(path)
     assert model.hf_quantizer.quantization_config == TorchAoConfig("int8wo")
