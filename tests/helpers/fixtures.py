@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,22 @@ import torch
 import qcore
 from helpers.int8_backend import BACKEND
 from helpers.models import TinyTransformer, make_tiny
+
+
+@contextlib.contextmanager
+def installed_or_registered(backend: qcore.Backend) -> Iterator[None]:
+    """The installed entry point of ``backend.quant_method`` or, where none is installed (sources on
+    PYTHONPATH), ``backend`` registered in-process for the duration of the block."""
+    try:
+        qcore.get_backend(backend.quant_method)
+    except qcore.BackendNotFoundError:
+        qcore.register_backend(backend)
+        try:
+            yield
+        finally:
+            qcore.unregister_backend(backend.quant_method)
+    else:
+        yield
 
 
 @pytest.fixture

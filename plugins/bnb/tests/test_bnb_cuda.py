@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import qcore
+from helpers.fixtures import installed_or_registered
 from helpers.models import flux_inputs, tiny_flux_config
 
 pytestmark = pytest.mark.gpu
@@ -52,14 +53,7 @@ class Flux(NamedTuple):
 
 @pytest.fixture(scope="module", autouse=True)
 def bnb_backend() -> Iterator[None]:
-    """The installed entry point, or the same backend registered in-process (sources on PYTHONPATH)."""
-    try:
-        qcore.get_backend("bitsandbytes")
-    except qcore.BackendNotFoundError:
-        qcore.register_backend(qcore_bnb.backend)
-        yield
-        qcore.unregister_backend("bitsandbytes")
-    else:
+    with installed_or_registered(qcore_bnb.backend):
         yield
 
 

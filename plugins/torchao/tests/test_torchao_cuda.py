@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import qcore
+from helpers.fixtures import installed_or_registered
 
 pytestmark = pytest.mark.gpu
 
@@ -111,14 +112,7 @@ def skip_unless_supported(name: str) -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def torchao_backend() -> Iterator[None]:
-    """The installed entry point, or the same backend registered in-process (sources on PYTHONPATH)."""
-    try:
-        qcore.get_backend("torchao")
-    except qcore.BackendNotFoundError:
-        qcore.register_backend(qcore_torchao.backend)
-        yield
-        qcore.unregister_backend("torchao")
-    else:
+    with installed_or_registered(qcore_torchao.backend):
         yield
 
 
