@@ -148,3 +148,66 @@ def test_original_safetensors_quantize_on_load_with_torchao(name: str, tmp_path:
         actual = int8(**variant.inputs())[0]
     error = float((actual.float() - reference.float()).norm() / reference.float().norm())
     assert 0 < error < 0.05, error
+
+
+def test_converters_are_installed_entry_points() -> None:
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep.load() for ep in entry_points(group="qcore.converters")}
+    assert found["SD3Transformer2DModel"] is SD3Converter
+    assert found["WanTransformer3DModel"] is WanConverter
+
+
+def test_wan_patch_embedding_stored_flat_with_orig_shape(tmp_path: Path) -> None:
+    """city96 stores Wan's 5-D Conv3d kernel flattened (GGUF has 4 dimensions at most), its shape under
+    ``comfy.gguf.orig_shape.<name>``; it loads equal to the file that keeps the 5-D shape."""
+    from qcore_gguf.testing import city96_type, write_gguf
+
+    variant = VARIANTS["wan-t2v"]
+    key = "model.diffusion_model.patch_embedding.weight"
+    choose = city96_type("Q8_0")
+    arrays = {f"model.diffusion_model.{k}": v for k, v in variant.arrays().items()}
+    tensors = {k: (v, choose(k, v.shape)) for k, v in arrays.items()}
+    assert tensors[key][1] == "F16"
+    write_gguf(tmp_path / "whole.gguf", tensors, architecture="wan")
+    kernel = arrays[key]
+    tensors[key] = (kernel.reshape(kernel.shape[0], -1), "F16")
+    orig_shape = {f"comfy.gguf.orig_shape.{key}": list(kernel.shape)}
+    write_gguf(tmp_path / "flat.gguf", tensors, architecture="wan", metadata=orig_shape)
+
+    whole = qcore.from_pretrained(variant.model_cls(), tmp_path / "whole.gguf", torch_dtype=torch.bfloat16)
+    flat = qcore.from_pretrained(variant.model_cls(), tmp_path / "flat.gguf", torch_dtype=torch.bfloat16)
+    assert flat.patch_embedding.weight.shape == kernel.shape
+    for name, value in whole.state_dict().items():
+        assert torch.equal(_bits(flat.state_dict()[name]), _bits(value)), name
+
+
+# The transformer configs diffusers publishes for stabilityai/stable-diffusion-3.5-large and
+# Wan-AI/Wan2.1-I2V-14B-480P-Diffusers (the shapes of the original files are those these configs build).
+SD35_LARGE = {
+    **VARIANTS["sd35"].config,
+    "num_layers": 38,
+    "num_attention_heads": 38,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 2432,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 192,
+    "dual_attention_layers": [],
+}
+WAN21_I2V_14B = {
+    **VARIANTS["wan-t2v"].config,
+    "num_attention_heads": 40,
+    "in_channels": 36,
+    "text_dim": 4096,
+    "ffn_dim": 13824,
+    "num_layers": 40,
+    "image_dim": 1280,
+    "added_kv_proj_dim": 5120,
+}
+
+
+@pytest.mark.parametrize(("name", "config"), [("sd35", SD35_LARGE), ("wan-t2v", WAN21_I2V_14B)])
+def test_released_sizes_infer_their_published_config(name: str, config: dict[str, Any]) -> None:
+    variant = VARIANTS[name]
+    infos = {k: qcore.TensorInfo(s, torch.bfloat16) for k, s in variant.shapes(config).items()}
+    assert _plain(CONVERTERS[variant.model_class]().infer_config(infos) or {}) == _plain(config)
