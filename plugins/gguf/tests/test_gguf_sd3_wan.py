@@ -211,3 +211,28 @@ def test_released_sizes_infer_their_published_config(name: str, config: dict[str
     variant = VARIANTS[name]
     infos = {k: qcore.TensorInfo(s, torch.bfloat16) for k, s in variant.shapes(config).items()}
     assert _plain(CONVERTERS[variant.model_class]().infer_config(infos) or {}) == _plain(config)
+
+
+def test_wan_first_last_frame_position_table_has_its_model_key(tmp_path: Path) -> None:
+    """FLF2V files add ``img_emb.emb_pos``, which diffusers' converter leaves unrenamed (so its
+    from_single_file cannot place it); the converter maps it to the image embedder's ``pos_embed``."""
+    variant = VARIANTS["wan-i2v"]
+    config = {**variant.config, "pos_embed_seq_len": 8}
+    shapes = variant.shapes(config)
+    infos = {k: qcore.TensorInfo(s, torch.float32) for k, s in shapes.items()}
+    mapping = WanConverter().convert(infos)
+    assert mapping["condition_embedder.image_embedder.pos_embed"][0].key == "img_emb.emb_pos"
+    assert _plain(WanConverter().infer_config(infos) or {}) == _plain(config)
+
+    from qcore_gguf.testing import random_arrays, write_original_gguf
+
+    arrays = random_arrays(shapes)
+    path = write_original_gguf(tmp_path / "flf2v.gguf", arrays, "Q8_0", architecture="wan")
+    model = qcore.from_pretrained(variant.model_cls(), path, torch_dtype=torch.bfloat16)
+    table = model.condition_embedder.image_embedder.pos_embed
+    assert torch.equal(table, torch.from_numpy(arrays["img_emb.emb_pos"]).to(table.dtype))
+    inputs = variant.inputs()
+    first, last = inputs["encoder_hidden_states_image"], inputs["encoder_hidden_states_image"].flip(1)
+    inputs["encoder_hidden_states_image"] = torch.cat([first, last])  # two frames' tokens: 2 x 4 = 8
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs)[0]).all()

@@ -419,6 +419,8 @@ def wan_shapes(config: Mapping[str, Any] = TINY_WAN) -> dict[str, tuple[int, ...
         linear("img_emb.proj.1", image, image)
         linear("img_emb.proj.3", h, image)
         shapes["img_emb.proj.4.weight"] = shapes["img_emb.proj.4.bias"] = (h,)
+        if config["pos_embed_seq_len"]:  # first-last-frame models
+            shapes["img_emb.emb_pos"] = (1, config["pos_embed_seq_len"], image)
     linear("head.head", config["out_channels"] * int(np.prod(patch)), h)
     shapes["head.modulation"] = (1, 2, h)
     return shapes
