@@ -236,3 +236,15 @@ def test_wan_first_last_frame_position_table_has_its_model_key(tmp_path: Path) -
     inputs["encoder_hidden_states_image"] = torch.cat([first, last])  # two frames' tokens: 2 x 4 = 8
     with torch.no_grad():
         assert torch.isfinite(model(**inputs)[0]).all()
+
+
+def test_file_with_other_components_names_them(tmp_path: Path) -> None:
+    """An all-in-one SD3 file (transformer and VAE) is refused with the VAE's tensors named."""
+    from safetensors.torch import save_file
+
+    variant = VARIANTS["sd35"]
+    state = {f"model.diffusion_model.{k}": torch.from_numpy(v) for k, v in variant.arrays().items()}
+    state["first_stage_model.decoder.conv_in.weight"] = torch.zeros(8, 16, 3, 3)
+    save_file(state, str(tmp_path / "all-in-one.safetensors"))
+    with pytest.raises(qcore.CheckpointError, match=r"first_stage_model\.decoder\.conv_in\.weight"):
+        qcore.from_pretrained(variant.model_cls(), tmp_path / "all-in-one.safetensors")
