@@ -88,7 +88,15 @@ def test_missing_sd3_tensor_names_the_key() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "quant_type"), [("sd35", "Q8_0"), ("sd35", "Q4_K"), ("wan-t2v", "Q8_0"), ("wan-i2v", "Q4_K")]
+    ("name", "quant_type"),
+    [
+        ("sd35", "Q8_0"),
+        ("sd35", "Q4_K"),
+        ("wan-t2v", "Q8_0"),
+        ("wan-i2v", "Q4_K"),
+        ("sd3", "Q6_K"),
+        ("wan-t2v", "Q5_0"),
+    ],
 )
 def test_gguf_bit_identical_to_diffusers_from_single_file(name: str, quant_type: str, tmp_path: Path) -> None:
     variant = VARIANTS[name]
