@@ -266,3 +266,12 @@ def test_repository_paths_named_in_docs_exist(page: str) -> None:
     named = set(REPO_PATH.findall((REPO / page).read_text(encoding="utf-8")))
     missing = sorted(path for path in named if not any(REPO.glob(path)))
     assert not missing, f"{page} names files that are not in the repository: {missing}"
+
+
+def test_user_guide_names_every_diffusers_keyword_qcore_does_not_implement() -> None:
+    from qcore._arguments import DIFFUSERS_ONLY_OPTIONS
+
+    guide = (DOCS / "user-guide.md").read_text(encoding="utf-8")
+    section = guide.split("### diffusers' keyword arguments", 1)[1].split("\n#", 1)[0]
+    missing = [name for name in DIFFUSERS_ONLY_OPTIONS if f"`{name}" not in section]
+    assert not missing, f"docs/user-guide.md's list of diffusers' keywords omits {missing}"
