@@ -41,6 +41,7 @@ from ._errors import (
 )
 from ._loadrecord import LoadRecord, attach_load_record
 from ._model import family_of, guard_dtype_casts, make_model, record_load
+from ._noinit import no_init_on_meta
 from ._plugins import make_plugin_manager
 from ._quantizer import Quantizer, module_matches
 from ._registry import Backend, resolve_config
@@ -325,7 +326,7 @@ def build_skeleton(
 ) -> M:
     from accelerate import init_empty_weights
 
-    with init_empty_weights(), _skeleton_budget(checkpoint, config_path):
+    with init_empty_weights(), no_init_on_meta(), _skeleton_budget(checkpoint, config_path):
         try:
             return make_model(model_cls, config)  # type: ignore[return-value]
         except QcoreError:

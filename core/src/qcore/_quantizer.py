@@ -97,7 +97,9 @@ def replace_linear_layers(
         for name, module in model.named_modules()
         if type(module) in types and not module_matches(name, modules_to_not_convert)
     ]
-    with init_empty_weights():
+    from ._noinit import no_init_on_meta
+
+    with init_empty_weights(), no_init_on_meta():
         for name, module in targets:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model

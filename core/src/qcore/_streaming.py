@@ -6,14 +6,20 @@ stream. Each byte is read once, nothing waits for a copy to finish (kernels that
 after its copy, in stream order), and at most one tensor's worth of unquantized data sits on the GPU
 ahead of the consumer, so quantize-on-load keeps peak GPU memory near the final model size.
 
-CPU targets and ``.bin`` files take the plain path: safetensors' own reader (mmap).
+CPU targets read each tensor with ``os.preadv`` into memory of its own, not through a memory map of the
+file: a mapped page that was read stays in the process's RSS until the whole file is closed, so a
+quantize-on-load would peak at the unquantized checkpoint plus the quantized model. Read this way, a
+weight's unquantized bytes are freed as soon as the backend has quantized it. ``.bin`` files and keys
+a converter rewrites take the reader's own path.
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +28,8 @@ import torch
 
 from ._checkpoint import CheckpointReader
 from ._errors import CorruptCheckpointError
+
+TRIM_BYTES = 32 << 20
 
 
 def _setting(name: str, default: int) -> int:
@@ -55,22 +63,89 @@ def stream_tensors(
     reader: CheckpointReader, order: Sequence[tuple[str, torch.device]]
 ) -> Iterator[torch.Tensor]:
     """Yield the tensors of ``order`` ((key, target device) pairs), in order, on their devices."""
-    fast = [
+    direct = [
         key
         for key, device in order
-        if device.type == "cuda"
+        if device.type in ("cuda", "cpu")
         and reader.key_file[key].suffix == ".safetensors"
         and reader.info(key).offset is not None  # rows of converted keys are read by the reader
     ]
-    if not fast:
-        for key, _ in order:
-            yield reader.read(key)
-        return
-    spans = _spans(reader, fast)
-    with _CudaPipeline() as pipeline:
-        gpu = pipeline.run([(spans[key], device) for key, device in order if key in spans])
-        for key, _ in order:
-            yield next(gpu) if key in spans else reader.read(key)
+    spans = _spans(reader, direct)
+    on_gpu = {key for key, device in order if key in spans and device.type == "cuda"}
+    files = _Files()
+    try:
+        if not on_gpu:
+            for key, _ in order:
+                yield _read_new(files, spans[key]) if key in spans else reader.read(key)
+                files.release_freed(spans[key].nbytes if key in spans else 0)
+            return
+        with _CudaPipeline() as pipeline:
+            gpu = pipeline.run([(spans[key], device) for key, device in order if key in on_gpu])
+            for key, _ in order:
+                if key in on_gpu:
+                    yield next(gpu)
+                else:
+                    yield _read_new(files, spans[key]) if key in spans else reader.read(key)
+                    files.release_freed(spans[key].nbytes if key in spans else 0)
+    finally:
+        files.close()
+        files.release_freed(TRIM_BYTES)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (AttributeError, OSError):
+        return None
+
+
+class _Files:
+    """Open file descriptors, one per checkpoint file, closed together."""
+
+    def __init__(self) -> None:
+        self.fds: dict[Path, int] = {}
+        self.trim = _malloc_trim()
+        self.since_trim = 0
+
+    def release_freed(self, nbytes: int) -> None:
+        """Hand the heap's free pages back to the system every TRIM_BYTES of CPU tensors consumed.
+
+        A backend quantizing on the CPU allocates temporaries of each weight's size; after the first
+        large free glibc serves such sizes from its heap, where freed memory stays in the RSS, so the
+        load would peak at several times the final model without this.
+        """
+        self.since_trim += nbytes
+        if self.trim is not None and self.since_trim >= TRIM_BYTES:
+            self.trim(0)
+            self.since_trim = 0
+
+    def fd(self, path: Path) -> int:
+        if path not in self.fds:
+            self.fds[path] = os.open(path, os.O_RDONLY)
+        return self.fds[path]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _read_exactly(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    done, nbytes = 0, len(view)
+    while done < nbytes:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise CorruptCheckpointError(f"{path}: file ends inside a tensor (offset {offset + done})")
+        done += got
+
+
+def _read_new(files: _Files, span: _TensorSpan) -> torch.Tensor:
+    """The tensor of ``span`` in a CPU allocation of its own (the same bytes as safetensors gives)."""
+    if span.nbytes == 0:
+        return torch.empty(span.shape, dtype=span.dtype)
+    buffer = mmap.mmap(-1, span.nbytes)
+    _read_exactly(files.fd(span.path), memoryview(buffer), span.start, span.path)
+    return torch.frombuffer(buffer, dtype=torch.uint8).view(span.dtype).view(span.shape)
 
 
 class _CudaPipeline:

@@ -46,6 +46,9 @@ UNPACKED_TYPES = frozenset({"Int8Tensor", "Float8Tensor", "IntxUnpackedToInt8Ten
 BLOCK_STAT_PARTS = ("scale", "zero_point")
 FINITE_CHECKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ADVICE = "The checkpoint is damaged; re-save it from the unquantized weights."
+# Weight-only configs whose formats scale each row on its own: quantized in slices of rows on load.
+ROW_SLICED_CONFIGS = frozenset({"Int8WeightOnlyConfig"})
+ROW_SLICE_BYTES = 32 << 20  # float32 bytes of one slice of rows
 _INT4_NAME = re.compile(r"(?<![0-9])4weight", re.IGNORECASE)
 
 
@@ -62,6 +65,59 @@ def _resolve_fqn_config(config: Any, module_name: str, param_name: str) -> Any:
             if pattern.startswith("re:") and re.fullmatch(pattern[3:], fqn):
                 return value
     return table.get("_default")
+
+
+def _quantize_by_rows(module: nn.Module, config: Any) -> bool:
+    """Quantize ``module.weight`` with torchao in slices of rows, if the format allows; False if not.
+
+    torchao's int8 quantization makes float32 temporaries several times the size of the weight, which
+    add to the load's peak memory (a 3072 x 12288 weight: about 0.4 GB). Its per-row (and per-group)
+    formats scale each row on its own, so quantizing ROW_SLICE_BYTES of rows at a time into
+    preallocated inner tensors gives the same tensor, bit for bit, with temporaries of one slice.
+    """
+    from torchao.quantization import quantize_
+
+    weight = module.weight
+    if type(config).__name__ not in ROW_SLICED_CONFIGS or weight.dim() != 2 or weight.device.type == "meta":
+        return False
+    rows, columns = weight.shape
+    step = max(1, ROW_SLICE_BYTES // (4 * columns))
+    if step >= rows:
+        return False
+    full: dict[str, torch.Tensor] = {}
+    names: list[str] = []
+    attributes: Any = None
+    quantized_type: Any = None
+    for start in range(0, rows, step):
+        piece = weight[start : start + step]
+        holder = nn.Linear(columns, piece.shape[0], bias=False, device="meta")
+        holder.weight = nn.Parameter(piece, requires_grad=False)
+        quantize_(holder, config)
+        quantized = holder.weight
+        flatten = getattr(quantized, "__tensor_flatten__", None)
+        if flatten is None:
+            return False  # the module's weight is untouched until the end: quantize it whole
+        piece_names, piece_attributes = flatten()
+        inner = {name: getattr(quantized, name) for name in piece_names}
+        if start == 0:
+            block = getattr(quantized, "block_size", None)
+            if (
+                not block
+                or list(block)[0] != 1
+                or any(t.shape[:1] != piece.shape[:1] for t in inner.values())
+            ):
+                return False  # not a row-wise format: one quantize_ call for the whole weight
+            names, attributes, quantized_type = piece_names, piece_attributes, type(quantized)
+            full = {
+                name: torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                for name, t in inner.items()
+            }
+        for name in names:
+            full[name][start : start + piece.shape[0]].copy_(inner[name])
+        del holder, quantized, inner
+    rebuilt = quantized_type.__tensor_unflatten__(full, attributes, weight.shape, weight.stride())
+    module._parameters["weight"] = nn.Parameter(rebuilt, requires_grad=False)
+    return True
 
 
 class TorchAoQuantizer(qcore.Quantizer):
@@ -236,7 +292,8 @@ class TorchAoQuantizer(qcore.Quantizer):
         from torchao.quantization import quantize_
 
         try:
-            quantize_(module, config)
+            if not _quantize_by_rows(module, config):
+                quantize_(module, config)
         except qcore.QcoreError:
             raise
         except Exception as exc:  # torchao signals missing kernels/hardware with assorted types
