@@ -275,3 +275,13 @@ def test_user_guide_names_every_diffusers_keyword_qcore_does_not_implement() -> 
     section = guide.split("### diffusers' keyword arguments", 1)[1].split("\n#", 1)[0]
     missing = [name for name in DIFFUSERS_ONLY_OPTIONS if f"`{name}" not in section]
     assert not missing, f"docs/user-guide.md's list of diffusers' keywords omits {missing}"
+
+
+@pytest.mark.parametrize("module", ["qcore", "qcore.testing"])
+def test_every_public_name_is_in_the_api_reference(module: str) -> None:
+    import importlib
+
+    api = (DOCS / "api.md").read_text(encoding="utf-8")
+    names = importlib.import_module(module).__all__
+    missing = [name for name in names if f"`{name}`" not in api]
+    assert not missing, f"docs/api.md does not describe {module}.{missing}"
