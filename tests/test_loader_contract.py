@@ -94,8 +94,7 @@ def test_diffusers_keywords_at_their_defaults_are_accepted(tiny_ckpt: Path) -> N
 @pytest.mark.parametrize(
     ("name", "value"),
     [
-        ("force_download", True),
-        ("proxies", {"https": "http://proxy:3128"}),
+        ("proxies", {"https": "http://proxy:3128"}),  # huggingface_hub >= 1.0 reads them from the environment
         ("offload_folder", "offload"),
         ("disable_mmap", True),
         ("ignore_mismatched_sizes", True),

@@ -52,9 +52,9 @@ from ._helpers import (
 )
 from ._hookspecs import hookimpl, hookspec
 from ._loading import from_pretrained
-from ._model import dequantize
 from ._modelmixin import ModelMixin
 from ._pipeline import load_pipeline
+from ._quantized import dequantize
 from ._quantizer import Quantizer, module_matches, replace_linear_layers
 from ._registry import (
     ENTRY_POINT_GROUP,

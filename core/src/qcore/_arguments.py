@@ -11,11 +11,6 @@ from ._errors import ConfigError
 
 # diffusers' from_pretrained keywords that qcore does not implement: {name: (accepted values, advice)}.
 DIFFUSERS_ONLY_OPTIONS: dict[str, tuple[tuple[Any, ...], str]] = {
-    "force_download": (
-        (False,),
-        "delete the files from the Hugging Face cache (`hf cache delete`) and load again",
-    ),
-    "proxies": ((None,), "set HTTPS_PROXY / HTTP_PROXY in the environment; huggingface_hub reads them"),
     "offload_folder": ((None,), "qcore does not offload to disk: map modules that do not fit to 'cpu'"),
     # qcore never holds a state dict, so what offload_state_dict=True asks for always holds.
     "offload_state_dict": ((None, False, True), "pass True, False or None"),

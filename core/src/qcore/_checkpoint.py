@@ -12,27 +12,26 @@ offsets tile the data section exactly, and sizes are capped before anything is a
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
 import os
 import struct
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ._errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from ._singlefile import fetch_single_file
 
 logger = logging.getLogger("qcore")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_BASENAMES = ("diffusion_pytorch_model", "model")
-SAFETENSORS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-BIN_WEIGHTS_NAME = "diffusion_pytorch_model.bin"
 
 # Larger than any real header, config or index (safetensors itself caps headers at 100 MB).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -151,15 +150,21 @@ def decode_json(raw: bytes | str, where: str) -> Any:
         raise CorruptCheckpointError(f"{where}: not valid JSON ({exc})") from None
 
 
-def _read_bytes(path: Path, limit: int, what: str) -> bytes:
+def check_json_size(where: str, size: int) -> None:
+    """Refuse a JSON file of the checkpoint (config.json, an index) larger than any real one, before
+    reading or downloading it."""
+    if size > MAX_JSON_BYTES:
+        raise CorruptCheckpointError(
+            f"{where}: {size} bytes, more than any real JSON file ({MAX_JSON_BYTES} bytes); the file is not "
+            "a JSON file"
+        )
+
+
+def _read_json_bytes(path: Path) -> bytes:
     try:
-        size = path.stat().st_size
-        if size > limit:
-            raise CorruptCheckpointError(
-                f"{path}: {size} bytes, more than any real {what} ({limit} bytes); the file is not a {what}"
-            )
+        check_json_size(str(path), path.stat().st_size)
         with open(path, "rb") as f:
-            return f.read(limit + 1)
+            return f.read(MAX_JSON_BYTES + 1)
     except OSError as exc:
         raise _os_error(path, exc) from exc
 
@@ -172,7 +177,7 @@ def _os_error(path: Path, exc: OSError) -> CheckpointError:
 
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from a checkpoint file (config.json, an index), validated."""
-    data = decode_json(_read_bytes(path, MAX_JSON_BYTES, "JSON file"), str(path))
+    data = decode_json(_read_json_bytes(path), str(path))
     if not isinstance(data, dict):
         raise CorruptCheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -283,9 +288,9 @@ def _tensor_entry(key: str, entry: Any, where: str, data_start: int) -> tuple[Te
 
     if not isinstance(entry, dict):
         raise bad(f"header entry must be an object, got a {type(entry).__name__}")
-    for field in ("dtype", "shape", "data_offsets"):
-        if field not in entry:
-            raise bad(f"header entry has no {field!r}")
+    for required in ("dtype", "shape", "data_offsets"):
+        if required not in entry:
+            raise bad(f"header entry has no {required!r}")
     name = entry["dtype"]
     dtype = SAFETENSORS_DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
@@ -365,8 +370,12 @@ def add_variant(filename: str, variant: str | None) -> str:
     return f"{head}.{variant}.{ext}"
 
 
-def weight_candidates(variant: str | None, use_safetensors: bool | None) -> list[tuple[str, bool]]:
-    """(filename, is_index) of a checkpoint's weights, in the order they are looked for."""
+def weight_candidates(
+    variant: str | None, use_safetensors: bool | None, weights_names: Sequence[str] = ()
+) -> list[tuple[str, bool]]:
+    """(filename, is_index) of a checkpoint's weights, in the order they are looked for: diffusers' and
+    transformers' ``.safetensors`` names, then ``.bin`` ones; ``weights_names`` (a model family's own, such
+    as transformers' ``pytorch_model.bin``) are looked for too."""
     exts = []
     if use_safetensors is not False:
         exts.append("safetensors")
@@ -374,7 +383,8 @@ def weight_candidates(variant: str | None, use_safetensors: bool | None) -> list
         exts.append("bin")
     names = []
     for ext in exts:
-        for base in WEIGHTS_BASENAMES:
+        own = [name.removesuffix(f".{ext}") for name in weights_names if name.endswith(f".{ext}")]
+        for base in dict.fromkeys((*WEIGHTS_BASENAMES, *own)):
             names.append((add_variant(f"{base}.{ext}.index.json", variant), True))
             names.append((add_variant(f"{base}.{ext}", variant), False))
     return names
@@ -493,15 +503,39 @@ def is_not_cached(exc: BaseException) -> bool:
     return isinstance(exc, LocalEntryNotFoundError)
 
 
+def _proxies(proxies: Mapping[str, str] | None) -> dict[str, Any]:
+    """``proxies`` as an ``hf_hub_download`` argument, where the installed huggingface_hub takes one."""
+    if not proxies:
+        return {}
+    from huggingface_hub import __version__ as hub_version
+    from huggingface_hub import hf_hub_download
+
+    if "proxies" not in inspect.signature(hf_hub_download).parameters:
+        raise ConfigError(
+            f"proxies={dict(proxies)!r} is not supported by qcore: huggingface_hub {hub_version} takes "
+            "proxies only from the environment; set HTTPS_PROXY / HTTP_PROXY (and NO_PROXY) instead",
+            option="proxies",
+        )
+    return {"proxies": dict(proxies)}
+
+
 @dataclass
 class CheckpointFiles:
     """Where a checkpoint's config and weight files are, once found (and downloaded)."""
 
     location: str
-    config_path: Path
+    config_path: Path | None  # None for a single weight file: its config comes from elsewhere
     weight_files: list[Path]
     index_path: Path | None = None
     weight_map: dict[str, Path] | None = None
+    # hf_hub_download's keyword arguments the files were fetched with (a config named by hub id is fetched
+    # the same way)
+    hub_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config_source(self) -> Path:
+        """The file errors about the config name: config.json, or the single weight file."""
+        return self.config_path if self.config_path is not None else self.weight_files[0]
 
 
 class _Fetcher:
@@ -555,26 +589,29 @@ def locate_checkpoint(
     cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool = False,
     token: str | bool | None = None,
+    force_download: bool = False,
+    proxies: Mapping[str, str] | None = None,
+    weights_names: Sequence[str] = (),
 ) -> CheckpointFiles:
-    """Find config.json and the weight files; for hub ids, download only those files.
+    """Find config.json and the weight files; for hub ids, download only those files (again, with
+    ``force_download=True``). ``weights_names`` are file names of the model's library to look for beside
+    diffusers' and transformers' usual ones (``pytorch_model.bin``).
 
     ``path`` may also name one weight file (local, ``<owner>/<repo>/<file>`` or a hub file URL): the
-    result then lists that file as its weights and as its ``config_path``.
+    result then lists that file as its weights, and has no ``config_path``.
     """
-    single = fetch_single_file(
-        os.fspath(path),
-        revision=revision,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        token=token,
-    )
+    hub = {
+        "revision": revision,
+        "cache_dir": cache_dir,
+        "local_files_only": local_files_only,
+        "token": token,
+        "force_download": force_download,
+        **_proxies(proxies),
+    }
+    single = fetch_single_file(os.fspath(path), hub)
     if single is not None:
-        return CheckpointFiles(str(single), single, [single])
-    fetcher = _Fetcher(
-        os.fspath(path),
-        subfolder,
-        {"revision": revision, "cache_dir": cache_dir, "local_files_only": local_files_only, "token": token},
-    )
+        return CheckpointFiles(str(single), None, [single], hub_options=hub)
+    fetcher = _Fetcher(os.fspath(path), subfolder, hub)
     if fetcher.local_dir is not None and not fetcher.local_dir.is_dir():
         raise CheckpointNotFoundError(f"subfolder {subfolder!r} does not exist in {os.fspath(path)!r}")
     config_path = fetcher.get(CONFIG_NAME)
@@ -583,29 +620,30 @@ def locate_checkpoint(
             raise CheckpointNotFoundError(f"{CONFIG_NAME} of {fetcher.not_cached}")
         raise CheckpointNotFoundError(f"{CONFIG_NAME} not found in {fetcher.location}")
     tried = []
-    for filename, is_index in weight_candidates(variant, use_safetensors):
+    for filename, is_index in weight_candidates(variant, use_safetensors, weights_names):
         tried.append(filename)
         found = fetcher.get(filename)
         if found is None:
             continue
         if not is_index:
-            return CheckpointFiles(fetcher.location, config_path, [found])
+            return CheckpointFiles(fetcher.location, config_path, [found], hub_options=hub)
         return _from_index(fetcher, config_path, found)
     raise CheckpointNotFoundError(
         f"no weights in {fetcher.location}: looked for {', '.join(tried)}"
         + (f" (variant {variant!r})" if variant else "")
-        + _variant_hint(fetcher.local_dir, variant)
+        + _variant_hint(fetcher.local_dir, variant, tried)
     )
 
 
-def _variant_hint(directory: Path | None, variant: str | None) -> str:
+def _variant_hint(directory: Path | None, variant: str | None, tried: list[str]) -> str:
     """Name the variants present when the requested one is absent: the usual cause of a miss."""
     if directory is None:
         return ""
+    bases = {name.split(".")[0] for name in tried}
     found = set()
     for path in directory.iterdir():
         parts = path.name.split(".")
-        if len(parts) >= 3 and parts[0] in WEIGHTS_BASENAMES and parts[-1] in ("safetensors", "bin"):
+        if len(parts) >= 3 and parts[0] in bases and parts[-1] in ("safetensors", "bin"):
             found.add(parts[1].split("-")[0] if parts[1] != "safetensors" else parts[-2])
     found.discard(variant or "")
     found -= {"safetensors", "bin", "index"}
@@ -625,7 +663,9 @@ def _from_index(fetcher: _Fetcher, config_path: Path, index_path: Path) -> Check
             )
         shards[shard_name] = shard
     weight_map = {key: shards[name] for key, name in names.items()}
-    return CheckpointFiles(fetcher.location, config_path, list(shards.values()), index_path, weight_map)
+    return CheckpointFiles(
+        fetcher.location, config_path, list(shards.values()), index_path, weight_map, fetcher.hub_kwargs
+    )
 
 
 # --- reading ------------------------------------------------------------------------------------

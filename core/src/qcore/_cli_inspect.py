@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ._checkpoint import (
     CONFIG_NAME,
@@ -19,6 +20,7 @@ from ._checkpoint import (
     CheckpointReader,
     TensorInfo,
     check_hub_id,
+    check_json_size,
     decode_json,
     hub_error,
     locate_checkpoint,
@@ -29,7 +31,13 @@ from ._checkpoint import (
     weight_candidates,
 )
 from ._errors import BackendError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, QcoreError
+from ._formats import open_format
 from ._registry import install_command, quant_method_of, resolve_config
+
+_T = TypeVar("_T")
+# Weight file names of a model library that inspect looks for beside diffusers' and transformers' usual
+# ones (it describes a checkpoint before it knows the model class).
+OTHER_WEIGHTS_NAMES = ("pytorch_model.bin",)
 
 
 @dataclass
@@ -74,8 +82,6 @@ class Survey:
     load: Loadability = field(default_factory=lambda: Loadability(True))
 
     def to_json(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return asdict(self)
 
 
@@ -110,7 +116,11 @@ def survey(
             revision=revision,
             token=token,
             local_files_only=is_hub_id,
+            weights_names=OTHER_WEIGHTS_NAMES,
         )
+        if located.config_path is None:  # a hub file named by <owner>/<repo>/<file>, from the cache
+            config, shard = _single_file(located.weight_files[0])
+            return _summarize(located.location, config, None, [shard])
         config, location = read_json(located.config_path), located.location
         index = located.index_path.name if located.index_path else None
         with CheckpointReader(located) as reader:
@@ -123,8 +133,6 @@ def survey(
 
 def _single_file(path: Path) -> tuple[dict[str, Any], _ShardRaw]:
     """A lone weight file, read by its format (the loader's reader for safetensors, a plugin for others)."""
-    from ._formats import open_format
-
     with open_format(path) as fmt:
         tensors = {
             key: TensorInfo(
@@ -259,14 +267,26 @@ class _HubFiles:
             raise error from exc
 
     def config(self) -> dict[str, Any]:
-        path = self._download(CONFIG_NAME)
+        return self._asking_the_hub(
+            lambda: self._json(CONFIG_NAME, self._sizes([CONFIG_NAME]).get(self._path(CONFIG_NAME)))
+        )
+
+    def _json(self, filename: str, size: int | None) -> dict[str, Any]:
+        """A JSON file of the repository, refused before the download when it is larger than any real one
+        (as a local one is refused before it is read)."""
+        if size is not None:
+            check_json_size(f"{self.location}: {filename}", size)
+        path = self._download(filename)
         if path is None:
-            raise CheckpointNotFoundError(f"{CONFIG_NAME} not found in {self.location}")
+            raise CheckpointNotFoundError(f"{filename} not found in {self.location}")
         return read_json(path)
 
     def weights(self) -> tuple[list[_ShardRaw], str | None]:
+        return self._asking_the_hub(self._weights)
+
+    def _asking_the_hub(self, call: Callable[[], _T]) -> _T:
         try:
-            return self._weights()
+            return call()
         except QcoreError:
             raise
         except Exception as exc:  # hub and network errors of whichever client huggingface_hub uses
@@ -277,19 +297,15 @@ class _HubFiles:
         return {info.path: getattr(info, "size", None) for info in infos}
 
     def _weights(self) -> tuple[list[_ShardRaw], str | None]:
-        candidates = weight_candidates(self.variant, None)
+        candidates = weight_candidates(self.variant, None, OTHER_WEIGHTS_NAMES)
         present = self._sizes([name for name, _ in candidates])
         for filename, is_index in candidates:
             if self._path(filename) not in present:
                 continue
             if not is_index:
                 return [self._header(filename, present[self._path(filename)])], None
-            index_path = self._download(filename)
-            if index_path is None:
-                raise CheckpointNotFoundError(f"{filename} not found in {self.location}")
-            names = list(
-                dict.fromkeys(shard_names(read_json(index_path), f"{filename} in {self.location}").values())
-            )
+            index = self._json(filename, present[self._path(filename)])
+            names = list(dict.fromkeys(shard_names(index, f"{filename} in {self.location}").values()))
             sizes = self._sizes(names)
             return [self._header(name, sizes.get(self._path(name))) for name in names], filename
         raise CheckpointNotFoundError(f"no weights in {self.location}")

@@ -30,6 +30,7 @@ from ._errors import (
     QcoreError,
 )
 from ._formats import CheckpointFormat, SafetensorsFormat, TensorInfo, open_format
+from ._pluginenv import autoload_disabled, plugin_allowed
 
 logger = logging.getLogger("qcore")
 
@@ -74,14 +75,6 @@ class KeyConverter:
         return None
 
 
-def _allowed(name: str, distribution: str | None) -> bool:
-    raw = os.environ.get("QCORE_PLUGINS")
-    if raw is None:
-        return True
-    allowed = {part.strip() for part in raw.split(",") if part.strip()}
-    return name in allowed or (distribution is not None and distribution in allowed)
-
-
 _registered: dict[str, list[KeyConverter]] = {}
 
 
@@ -106,11 +99,11 @@ def unregister_converter(converter: KeyConverter) -> None:
 def converters_for(model_class_name: str) -> list[KeyConverter]:
     """The converters for a model class: registered in-process, then installed ones (imported now)."""
     found = list(_registered.get(model_class_name, []))
-    if os.environ.get("QCORE_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower() not in ("", "0", "false"):
+    if autoload_disabled():
         return found
     for entry in entry_points(group=CONVERTERS_GROUP, name=model_class_name):
         distribution = entry.dist.name if entry.dist else None
-        if not _allowed(model_class_name, distribution):
+        if not plugin_allowed(model_class_name, distribution):
             continue
         try:
             loaded = entry.load()
@@ -292,19 +285,18 @@ def open_checkpoint(
     config: Mapping[str, Any] | str | os.PathLike[str] | None = None,
     *,
     subfolder: str | None = None,
-    hub_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], CheckpointReader | ConvertedReader]:
     """The model config and a (not yet entered) reader of the checkpoint, in the model's naming.
 
     The config is ``config`` (a dict, a config.json file or directory, or a hub id) when given, else the
     directory's config.json; for a single file, the format's own config, else the converter's inference
     from tensor shapes, else an error that asks for ``config=``. A format that implies a ``quant_method``
-    adds it as the checkpoint's ``quantization_config``, so a missing backend is an install hint.
+    adds it as the checkpoint's ``quantization_config``, so a missing backend is an install hint. A config
+    named by hub id is fetched with the checkpoint's own hub options.
     """
-    hub_kwargs = dict(hub_kwargs or {})
-    user = _user_config(config, subfolder, hub_kwargs) if config is not None else None
+    user = _user_config(config, subfolder, files.hub_options) if config is not None else None
     path = files.weight_files[0]
-    if files.config_path != path:  # a directory (or hub repository) with its config.json
+    if files.config_path is not None:  # a directory (or hub repository) with its config.json
         return (user if user is not None else read_json(files.config_path)), CheckpointReader(files)
     fmt = open_format(path)
     try:

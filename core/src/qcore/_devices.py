@@ -46,7 +46,7 @@ def _device_map_values(device_map: Any) -> list[Any]:
     if isinstance(device_map, Mapping):
         return list(device_map.values())
     if not _is_index(device_map):
-        _single_device(device_map)  # the type and the name are checked, whatever the machine
+        single_device(device_map)  # the type and the name are checked, whatever the machine
     return [device_map]
 
 
@@ -66,7 +66,8 @@ def _accelerator_index(index: int, device_map: Any) -> torch.device:
     return torch.device(index)
 
 
-def _single_device(device_map: Any) -> torch.device:
+def single_device(device_map: Any) -> torch.device:
+    """The one device a device_map names (``"cuda"``, ``"cuda:1"``, ``0``, ``torch.device``)."""
     if isinstance(device_map, (int, str, torch.device)) and not isinstance(device_map, bool):
         try:
             return torch.device(device_map)
@@ -102,7 +103,7 @@ def resolve_device_map(
         return {name: _device(dev) for name, dev in device_map.items()}
     if isinstance(device_map, str) and device_map in AUTO_DEVICE_MAPS:
         return _auto_device_map(model, quantizer, hooks, torch_dtype or torch.float32, device_map, max_memory)
-    return {"": _single_device(device_map)}
+    return {"": single_device(device_map)}
 
 
 def _auto_device_map(

@@ -20,12 +20,14 @@ from typing import Any, ClassVar
 
 import torch
 
+from ._checkpoint import aligned, read_safetensors_header
 from ._errors import (
     BackendLoadError,
     BackendNotFoundError,
     CheckpointError,
     CorruptCheckpointError,
 )
+from ._pluginenv import autoload_disabled, plugin_allowed
 from ._singlefile import FORMATS_GROUP
 
 logger = logging.getLogger("qcore")
@@ -123,8 +125,6 @@ class SafetensorsFormat(CheckpointFormat):
         super().__init__(path)
         from safetensors import safe_open
 
-        from ._checkpoint import read_safetensors_header  # (_checkpoint imports this module)
-
         # The loader's validated header reader: one dtype table, the same checks for single files.
         self._infos: dict[str, TensorInfo] = {
             key: TensorInfo(info.shape, info.torch_dtype, None, info.nbytes)
@@ -142,8 +142,6 @@ class SafetensorsFormat(CheckpointFormat):
     def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         try:
             if rows is None:
-                from ._checkpoint import aligned
-
                 return aligned(self._handle.get_tensor(key))
             return self._handle.get_slice(key)[rows[0] : rows[1]]
         except Exception as exc:
@@ -154,18 +152,6 @@ class SafetensorsFormat(CheckpointFormat):
 
     def close(self) -> None:
         self._context.__exit__(None, None, None)
-
-
-def _autoload_disabled() -> bool:
-    return os.environ.get("QCORE_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower() not in ("", "0", "false")
-
-
-def _allowed(name: str, distribution: str | None) -> bool:
-    raw = os.environ.get("QCORE_PLUGINS")
-    if raw is None:
-        return True
-    allowed = {part.strip() for part in raw.split(",") if part.strip()}
-    return name in allowed or (distribution is not None and distribution in allowed)
 
 
 _registered: dict[str, type[CheckpointFormat]] = {}
@@ -217,12 +203,12 @@ def format_for(path: Path) -> type[CheckpointFormat]:
             f"install a distribution with an entry point named {suffix!r} in the group {FORMATS_GROUP!r}",
         ),
     )
-    candidates = [] if _autoload_disabled() else list(entry_points(group=FORMATS_GROUP, name=suffix))
-    allowed = [ep for ep in candidates if _allowed(suffix, ep.dist.name if ep.dist else None)]
+    candidates = [] if autoload_disabled() else list(entry_points(group=FORMATS_GROUP, name=suffix))
+    allowed = [ep for ep in candidates if plugin_allowed(suffix, ep.dist.name if ep.dist else None)]
     if not allowed:
         if candidates:
             hint = f"its reader is installed but not in QCORE_PLUGINS={os.environ.get('QCORE_PLUGINS')!r}"
-        elif _autoload_disabled():
+        elif autoload_disabled():
             hint += "; note that QCORE_DISABLE_PLUGIN_AUTOLOAD is set"
         if implied is not None:
             raise BackendNotFoundError(implied, f"{path.name} is a .{suffix} file: {hint}")

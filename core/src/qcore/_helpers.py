@@ -7,6 +7,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from ._errors import CorruptCheckpointError
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -142,8 +144,6 @@ class BatchedChecks:
     def verify(self, advice: str = "") -> None:
         """Raise :class:`qcore.CorruptCheckpointError` if any recorded check failed; then forget them."""
         import torch
-
-        from ._errors import CorruptCheckpointError
 
         flags, labels = self._flags, self._labels
         self._flags, self._labels = {}, {}

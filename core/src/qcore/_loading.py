@@ -40,9 +40,10 @@ from ._errors import (
     UnexpectedKeysError,
 )
 from ._loadrecord import LoadRecord, attach_load_record
-from ._model import family_of, guard_dtype_casts, make_model, record_load
+from ._model import family_of, make_model, record_load
 from ._noinit import no_init_on_meta
 from ._plugins import make_plugin_manager
+from ._quantized import guard_dtype_casts
 from ._quantizer import Quantizer, module_matches
 from ._registry import Backend, resolve_config
 from ._streaming import stream_tensors
@@ -124,6 +125,8 @@ def from_pretrained(
     cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool = False,
     token: str | bool | None = None,
+    force_download: bool = False,
+    proxies: Mapping[str, str] | None = None,
     keep_in_fp32_modules: Sequence[str] | None = None,
     observers: Sequence[object] = (),
     output_loading_info: bool = False,
@@ -138,6 +141,7 @@ def from_pretrained(
     torch_dtype = one_dtype(torch_dtype, dtype)
     check_diffusers_options(diffusers_options)
     check_devices_exist(device_map)
+    family = family_of(model_cls)
     files = locate_checkpoint(
         pretrained_model_name_or_path,
         subfolder=subfolder,
@@ -147,25 +151,22 @@ def from_pretrained(
         cache_dir=cache_dir,
         local_files_only=local_files_only,
         token=token,
+        force_download=force_download,
+        proxies=proxies,
+        weights_names=(family.weights_name, family.bin_weights_name),
     )
-    config, checkpoint_reader = open_checkpoint(
-        model_cls,
-        files,
-        config,
-        subfolder=subfolder,
-        hub_kwargs=_hub_kwargs(revision, cache_dir, local_files_only, token),
-    )
+    config, checkpoint_reader = open_checkpoint(model_cls, files, config, subfolder=subfolder)
     clock = _StageClock()
 
     with checkpoint_reader as reader:  # headers only, until stage 5
         checkpoint = summarize_checkpoint(reader)
         quant = resolve_quantization(config, quantization_config, files, observers)
         clock.lap("resolve")
-        torch_dtype = torch_dtype or family_of(model_cls).default_dtype(config, checkpoint.dtype)
+        torch_dtype = torch_dtype or family.default_dtype(config, checkpoint.dtype)
         torch_dtype, device_map = prepare(quant, torch_dtype, device_map, low_cpu_mem_usage, checkpoint)
         load_dtype = torch_dtype or checkpoint.dtype
         clock.lap("prepare")
-        model = build_skeleton(model_cls, config, checkpoint, files.config_path)
+        model = build_skeleton(model_cls, config, checkpoint, files.config_source)
         reader = family_of(model).renamed_reader(model, reader)
         clock.lap("skeleton")
         keep_fp32 = keep_in_fp32(model, quant, keep_in_fp32_modules, load_dtype)
@@ -182,15 +183,6 @@ def from_pretrained(
     if output_loading_info:
         return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
     return model
-
-
-def _hub_kwargs(revision: str | None, cache_dir: Any, local_files_only: bool, token: Any) -> dict[str, Any]:
-    return {
-        "revision": revision,
-        "cache_dir": cache_dir,
-        "local_files_only": local_files_only,
-        "token": token,
-    }
 
 
 class _StageClock:
@@ -235,7 +227,7 @@ def resolve_quantization(
     files: CheckpointFiles,
     observers: Sequence[object],
 ) -> Quantization:
-    quantizer = make_quantizer(config.get("quantization_config"), user_config, files.config_path)
+    quantizer = make_quantizer(config.get("quantization_config"), user_config, files.config_source)
     pm = make_plugin_manager(quantizer, observers)
     if quantizer is not None:
         state = "pre-quantized" if quantizer.pre_quantized else "on load"

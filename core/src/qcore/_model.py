@@ -1,16 +1,15 @@
-"""What qcore needs to know of any model class: build it, its config, the dtype-cast guard, dequantize."""
+"""What qcore needs to know of any model class: build it, its config, its files, its tied weights."""
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from ._errors import ConfigError, DtypeCastError, QcoreError
-from ._loadrecord import drop_load_record, load_record
+from ._errors import ConfigError
+from ._renamed import RenamedReader
 
 
 def _is_diffusers_model(obj: Any) -> bool:
@@ -38,6 +37,8 @@ class ModelFamily:
     classes and ``qcore.ModelMixin``; diffusers and transformers models have their own family."""
 
     name = "torch"
+    # Whether the library's own save_pretrained refuses quantized models (qcore's replaces it).
+    refuses_quantized_saves = False
     weights_name = "diffusion_pytorch_model.safetensors"
     bin_weights_name = "diffusion_pytorch_model.bin"
 
@@ -85,6 +86,7 @@ class ModelFamily:
 
 class DiffusersFamily(ModelFamily):
     name = "diffusers"
+    refuses_quantized_saves = True
 
     def build(self, model_cls: type[torch.nn.Module], config: Mapping[str, Any]) -> torch.nn.Module:
         return model_cls.from_config(dict(config))  # type: ignore[attr-defined]
@@ -103,6 +105,7 @@ class TransformersFamily(ModelFamily):
     rule (``_keep_in_fp32_modules`` in float16 loads, ``_keep_in_fp32_modules_strict`` in 16-bit loads)."""
 
     name = "transformers"
+    refuses_quantized_saves = True
     weights_name = "model.safetensors"
     bin_weights_name = "pytorch_model.bin"
 
@@ -186,8 +189,6 @@ class TransformersFamily(ModelFamily):
             file_keys[renamed] = key
         if all(new == old for new, old in file_keys.items()):
             return reader
-        from ._renamed import RenamedReader
-
         return RenamedReader(reader, file_keys)
 
     def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -210,57 +211,6 @@ def family_of(obj: Any) -> ModelFamily:
     return _PLAIN
 
 
-# Keyword arguments of diffusers' and transformers' save_pretrained that change nothing in what qcore writes.
-_SAVE_NO_OPS = frozenset({"save_function", "use_flashpack", "save_peft_format", "save_original_format"})
-_HUB_OPTIONS = ("repo_id", "commit_message", "private", "create_pr", "token")
-
-
-def save_with_qcore(
-    self: torch.nn.Module,
-    save_directory: str | os.PathLike[str],
-    is_main_process: bool = True,
-    *,
-    safe_serialization: bool = True,
-    variant: str | None = None,
-    max_shard_size: int | str | None = None,
-    push_to_hub: bool = False,
-    **kwargs: Any,
-) -> None:
-    """``save_pretrained`` of a diffusers or transformers model that qcore loaded quantized: writes what
-    :func:`qcore.save_pretrained` writes (the library's own method refuses quantized models), and with
-    ``push_to_hub=True`` uploads that directory as the library would."""
-    from ._saving import save_pretrained
-
-    hub = {key: kwargs.pop(key) for key in _HUB_OPTIONS if key in kwargs}
-    unknown = sorted(set(kwargs) - _SAVE_NO_OPS)
-    if unknown:
-        raise ConfigError(
-            f"save_pretrained of a qcore-quantized {type(self).__name__} does not take {', '.join(unknown)}; "
-            "it takes safe_serialization, variant, max_shard_size and push_to_hub (with repo_id, "
-            "commit_message, private, create_pr, token)",
-            option=unknown[0],
-        )
-    if not is_main_process:
-        return
-    options: dict[str, Any] = {"safe_serialization": safe_serialization, "variant": variant}
-    if max_shard_size is not None:
-        options["max_shard_size"] = max_shard_size
-    save_pretrained(self, save_directory, **options)
-    if push_to_hub:
-        from huggingface_hub import create_repo, upload_folder
-
-        token = hub.get("token")
-        repo_id = hub.get("repo_id") or os.fspath(save_directory).rstrip(os.sep).split(os.sep)[-1]
-        repo_id = create_repo(repo_id, exist_ok=True, private=hub.get("private"), token=token).repo_id
-        upload_folder(
-            repo_id=repo_id,
-            folder_path=os.fspath(save_directory),
-            token=token,
-            commit_message=hub.get("commit_message") or "Upload qcore-quantized model",
-            create_pr=hub.get("create_pr", False),
-        )
-
-
 def make_model(model_cls: type[torch.nn.Module], config: Mapping[str, Any]) -> torch.nn.Module:
     """Build ``model_cls`` from its config.json (the caller chooses the init context)."""
     return family_of(model_cls).build(model_cls, config)
@@ -277,92 +227,3 @@ def model_config_dict(model: torch.nn.Module) -> dict[str, Any]:
 def record_load(model: torch.nn.Module, **entries: Any) -> None:
     """Store load facts (quantization_config, _pre_quantization_dtype, _name_or_path) in model.config."""
     family_of(model).record_load(model, entries)
-
-
-class CastGuard:
-    """Refuses dtype casts while ``is_quantized``; mixed into ModelMixin and into loaded foreign classes."""
-
-    def _refuse_cast(self, what: str) -> None:
-        if getattr(self, "is_quantized", False):
-            raise DtypeCastError(
-                f"{type(self).__name__} is quantized with {getattr(self, 'quantization_method', '?')!r}: "
-                f"{what} would break its quantized weights. Cast the inputs instead, or call "
-                "dequantize() first."
-            )
-
-    def to(self, *args: Any, **kwargs: Any) -> Any:
-        device, dtype, non_blocking, _fmt = torch._C._nn._parse_to(*args, **kwargs)
-        quantized = getattr(self, "is_quantized", False)
-        if device is not None and quantized and dtype is not None and dtype == getattr(self, "dtype", None):
-            # A move that names the dtype the model reports is a move: diffusers' LoRA loading calls
-            # text_encoder.to(device=..., dtype=text_encoder.dtype), which broke bitsandbytes encoders there.
-            return super().to(device, non_blocking=non_blocking)  # type: ignore[misc]
-        if dtype is not None:
-            self._refuse_cast(f".to({dtype})")
-        return super().to(*args, **kwargs)  # type: ignore[misc]
-
-    def half(self) -> Any:
-        self._refuse_cast(".half()")
-        return super().half()  # type: ignore[misc]
-
-    def float(self) -> Any:
-        self._refuse_cast(".float()")
-        return super().float()  # type: ignore[misc]
-
-    def bfloat16(self) -> Any:
-        self._refuse_cast(".bfloat16()")
-        return super().bfloat16()  # type: ignore[misc]
-
-    def double(self) -> Any:
-        self._refuse_cast(".double()")
-        return super().double()  # type: ignore[misc]
-
-
-_guarded_classes: dict[type, type] = {}
-
-
-def guard_dtype_casts(model: torch.nn.Module) -> None:
-    """Make a quantized model of a foreign class (e.g. a diffusers model) refuse dtype casts.
-
-    The instance's class is swapped for a same-named subclass that adds the guard, so isinstance
-    checks, ``_class_name`` in config.json and the class's own methods are unchanged.
-    """
-    cls = type(model)
-    if isinstance(model, CastGuard):
-        return
-    if cls not in _guarded_classes:
-        _guarded_classes[cls] = type(
-            cls.__name__,
-            (CastGuard, cls),
-            {
-                "__module__": cls.__module__,
-                "__qualname__": cls.__qualname__,
-                "_qcore_unguarded": cls,
-                # diffusers' and transformers' own save_pretrained refuse quantized models.
-                **({"save_pretrained": save_with_qcore} if family_of(cls) is not _PLAIN else {}),
-            },
-        )
-    model.__class__ = _guarded_classes[cls]
-
-
-def _unguard(model: torch.nn.Module) -> None:
-    original = type(model).__dict__.get("_qcore_unguarded")
-    if original is not None:
-        model.__class__ = original
-
-
-def dequantize(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo quantization in place through the backend's ``dequantize`` hook; returns the model."""
-    record = load_record(model)
-    if record is None:
-        raise QcoreError(f"{type(model).__name__} was not loaded quantized by qcore; nothing to dequantize")
-    record.hooks.dequantize(quantizer=record.quantizer, model=model)
-    model.is_quantized = False
-    model.hf_quantizer = None
-    drop_load_record(model)
-    _unguard(model)
-    if _is_diffusers_model(model):
-        model.register_to_config(quantization_config=None)
-    elif isinstance(getattr(model, "config", None), dict):  # qcore.ModelMixin
-        model.config.pop("quantization_config", None)
-    return model

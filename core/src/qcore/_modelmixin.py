@@ -11,7 +11,8 @@ from typing import Any, ClassVar
 import torch
 
 from ._loading import from_pretrained
-from ._model import CastGuard, dequantize, init_config
+from ._model import init_config
+from ._quantized import CastGuard, dequantize
 from ._saving import save_pretrained
 
 

@@ -26,6 +26,7 @@ import torch
 from ._atomic import atomic_directory
 from ._checkpoint import read_json
 from ._config import QuantizationConfig
+from ._devices import single_device
 from ._errors import CheckpointNotFoundError, ConfigError, DtypeCastError
 from ._helpers import version_at_least
 from ._loading import from_pretrained
@@ -179,19 +180,17 @@ def quantization_plan(
             )
         return {}
     chosen: ComponentConfigs
-    if _is_pipeline_quantization_config(quantization_config):
-        if components is not None:
-            raise ConfigError(
-                "a PipelineQuantizationConfig names its components itself; drop components=",
-                option="components",
-            )
+    is_pipeline_config = _is_pipeline_quantization_config(quantization_config)
+    is_mapping = isinstance(quantization_config, Mapping) and "quant_method" not in quantization_config
+    if components is not None and (is_pipeline_config or is_mapping):
+        form = "a PipelineQuantizationConfig" if is_pipeline_config else "a mapping of component -> config"
+        raise ConfigError(
+            f"quantization_config is {form}, which names its components itself; drop components=",
+            option="components",
+        )
+    if is_pipeline_config:
         chosen = _from_pipeline_quantization_config(quantization_config, entries, models)
-    elif isinstance(quantization_config, Mapping) and "quant_method" not in quantization_config:
-        if components is not None:
-            raise ConfigError(
-                "quantization_config is already a mapping of component -> config; drop components=",
-                option="components",
-            )
+    elif is_mapping:
         chosen = quantization_config
     else:
         names = list(components) if components is not None else default_quantized_components(model_index)
@@ -343,15 +342,7 @@ def _is_prequantized(component_dir: Path) -> bool:
 
 
 def _device(device_map: str | int | torch.device | None) -> torch.device | None:
-    if device_map is None:
-        return None
-    try:
-        return torch.device(device_map)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(
-            f"device_map {device_map!r} is not a device; pass one device such as 'cuda' or 'cpu'",
-            option="device_map",
-        ) from exc
+    return None if device_map is None else single_device(device_map)
 
 
 def _saved_dtype(component_dir: Path) -> torch.dtype | None:

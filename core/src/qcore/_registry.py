@@ -24,6 +24,7 @@ from ._errors import (
     ConfigError,
     DuplicateBackendError,
 )
+from ._pluginenv import autoload_disabled, plugin_allowed
 from ._plugins import validate_quantizer_class
 from ._quantizer import Quantizer
 
@@ -68,17 +69,6 @@ _registered: dict[str, Backend] = {}
 _loaded: dict[str, Backend] = {}
 
 
-def _autoload_disabled() -> bool:
-    return os.environ.get("QCORE_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower() not in ("", "0", "false")
-
-
-def _allow_list() -> set[str] | None:
-    raw = os.environ.get("QCORE_PLUGINS")
-    if raw is None:
-        return None
-    return {name.strip() for name in raw.split(",") if name.strip()}
-
-
 def _distribution_of(ep: EntryPoint) -> tuple[str | None, str | None]:
     dist = getattr(ep, "dist", None)
     if dist is None:
@@ -93,18 +83,6 @@ def _entry_points(name: str | None = None) -> list[EntryPoint]:
         # The same distribution can be visible twice (e.g. a path listed twice on sys.path).
         unique.setdefault((ep.name, _distribution_of(ep)[0]), ep)
     return list(unique.values())
-
-
-def _normalized(name: str) -> str:
-    # Distribution names compare as packaging does: "qcore_bnb", "qcore.bnb" and "QCore-BNB" are one name.
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def _allowed(quant_method: str, distribution: str | None) -> bool:
-    allow = _allow_list()
-    if allow is None or quant_method in allow:
-        return True
-    return distribution is not None and _normalized(distribution) in {_normalized(a) for a in allow}
 
 
 def _load_entry_point(ep: EntryPoint) -> Backend:
@@ -179,10 +157,10 @@ def get_backend(quant_method: str) -> Backend:
         return _registered[quant_method]
     # A backend loaded earlier in the process obeys the discovery settings in force now.
     cached = _loaded.get(quant_method)
-    if cached is not None and not _autoload_disabled() and _allowed(quant_method, cached.distribution):
+    if cached is not None and not autoload_disabled() and plugin_allowed(quant_method, cached.distribution):
         return cached
     hint = install_hint(quant_method)
-    if _autoload_disabled():
+    if autoload_disabled():
         raise BackendNotFoundError(
             quant_method,
             f"{hint}; note that QCORE_DISABLE_PLUGIN_AUTOLOAD is set, so installed backends are "
@@ -190,7 +168,7 @@ def get_backend(quant_method: str) -> Backend:
             _registered,
         )
     candidates = _entry_points(quant_method)
-    allowed = [ep for ep in candidates if _allowed(quant_method, _distribution_of(ep)[0])]
+    allowed = [ep for ep in candidates if plugin_allowed(quant_method, _distribution_of(ep)[0])]
     if not allowed:
         if candidates:
             hint = f"it is installed but not in QCORE_PLUGINS={os.environ.get('QCORE_PLUGINS')!r}"
@@ -207,8 +185,8 @@ def get_backend(quant_method: str) -> Backend:
 
 def _known_names() -> set[str]:
     names = set(_registered)
-    if not _autoload_disabled():
-        names.update(ep.name for ep in _entry_points() if _allowed(ep.name, _distribution_of(ep)[0]))
+    if not autoload_disabled():
+        names.update(ep.name for ep in _entry_points() if plugin_allowed(ep.name, _distribution_of(ep)[0]))
     return names
 
 
@@ -224,7 +202,7 @@ def register_backend(backend: Backend) -> Backend:
         raise DuplicateBackendError(
             backend.quant_method, [f"in-process registration from {taken.quantizer_class.__module__}", where]
         )
-    if not _autoload_disabled():
+    if not autoload_disabled():
         installed = [_distribution_of(ep)[0] for ep in _entry_points(backend.quant_method)]
         if installed:
             raise DuplicateBackendError(
@@ -249,10 +227,10 @@ def available_backends() -> list[BackendInfo]:
         BackendInfo(name, None, None, "ok", backend.config_class.__qualname__)
         for name, backend in _registered.items()
     ]
-    eps = [] if _autoload_disabled() else [ep for ep in _entry_points() if ep.name not in _registered]
+    eps = [] if autoload_disabled() else [ep for ep in _entry_points() if ep.name not in _registered]
     for ep in eps:
         dist, version = _distribution_of(ep)
-        if not _allowed(ep.name, dist):
+        if not plugin_allowed(ep.name, dist):
             reason = f"not in QCORE_PLUGINS={os.environ.get('QCORE_PLUGINS')!r}"
             infos.append(BackendInfo(ep.name, dist, version, "disabled", error=reason))
             continue

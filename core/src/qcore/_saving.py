@@ -1,4 +1,5 @@
-"""save_pretrained: config.json + safetensors shards + index, written atomically.
+"""save_pretrained: config.json + safetensors shards + index, written atomically; and the
+``save_pretrained`` that replaces diffusers' and transformers' own on the models qcore loaded quantized.
 
 The checkpoint is written to a staging directory beside the target, which then takes the target's place in
 one step (see :mod:`qcore._atomic`): a failure or a kill never leaves a half-written checkpoint and never
@@ -20,8 +21,8 @@ from typing import Any
 import torch
 
 from ._atomic import atomic_directory
-from ._checkpoint import BIN_WEIGHTS_NAME, CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, add_variant
-from ._errors import SerializationError
+from ._checkpoint import CONFIG_NAME, add_variant
+from ._errors import ConfigError, SerializationError
 from ._loadrecord import load_record
 from ._model import family_of, model_config_dict
 
@@ -81,6 +82,55 @@ def superseded_weight_files(weights_name: str, variant: str | None) -> Callable[
     return lambda relative: stale.fullmatch(relative) is not None
 
 
+# Keyword arguments of diffusers' and transformers' save_pretrained that change nothing in what qcore writes.
+_SAVE_NO_OPS = frozenset({"save_function", "use_flashpack", "save_peft_format", "save_original_format"})
+_HUB_OPTIONS = ("repo_id", "commit_message", "private", "create_pr", "token")
+
+
+def save_with_qcore(
+    self: torch.nn.Module,
+    save_directory: str | os.PathLike[str],
+    is_main_process: bool = True,
+    *,
+    safe_serialization: bool = True,
+    variant: str | None = None,
+    max_shard_size: int | str | None = None,
+    push_to_hub: bool = False,
+    **kwargs: Any,
+) -> None:
+    """``save_pretrained`` of a diffusers or transformers model that qcore loaded quantized: writes what
+    :func:`qcore.save_pretrained` writes (the library's own method refuses quantized models), and with
+    ``push_to_hub=True`` uploads that directory as the library would."""
+    hub = {key: kwargs.pop(key) for key in _HUB_OPTIONS if key in kwargs}
+    unknown = sorted(set(kwargs) - _SAVE_NO_OPS)
+    if unknown:
+        raise ConfigError(
+            f"save_pretrained of a qcore-quantized {type(self).__name__} does not take {', '.join(unknown)}; "
+            "it takes safe_serialization, variant, max_shard_size and push_to_hub (with repo_id, "
+            "commit_message, private, create_pr, token)",
+            option=unknown[0],
+        )
+    if not is_main_process:
+        return
+    options: dict[str, Any] = {"safe_serialization": safe_serialization, "variant": variant}
+    if max_shard_size is not None:
+        options["max_shard_size"] = max_shard_size
+    save_pretrained(self, save_directory, **options)
+    if push_to_hub:
+        from huggingface_hub import create_repo, upload_folder
+
+        token = hub.get("token")
+        repo_id = hub.get("repo_id") or os.fspath(save_directory).rstrip(os.sep).split(os.sep)[-1]
+        repo_id = create_repo(repo_id, exist_ok=True, private=hub.get("private"), token=token).repo_id
+        upload_folder(
+            repo_id=repo_id,
+            folder_path=os.fspath(save_directory),
+            token=token,
+            commit_message=hub.get("commit_message") or "Upload qcore-quantized model",
+            create_pr=hub.get("create_pr", False),
+        )
+
+
 def _write_weights(
     directory: Path,
     state_dict: dict[str, torch.Tensor],
@@ -88,7 +138,7 @@ def _write_weights(
     max_shard_size: int | str,
     variant: str | None,
     safe_serialization: bool,
-    names: tuple[str, str] = (SAFETENSORS_WEIGHTS_NAME, BIN_WEIGHTS_NAME),
+    names: tuple[str, str],
 ) -> None:
     from huggingface_hub import split_torch_state_dict_into_shards
 

@@ -28,6 +28,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from . import __version__
+from ._checkpoint import CONFIG_NAME, locate_checkpoint, read_json
+from ._cli_inspect import survey
+from ._errors import ConfigError, QcoreError
+from ._loading import from_pretrained
+from ._registry import available_backends, get_backend
+from ._saving import save_pretrained
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -91,8 +101,6 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     common = _common_options()
     parser = argparse.ArgumentParser(
         prog="qcore",
@@ -226,8 +234,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _report("interrupted", EXIT_INTERRUPTED, debug)
     except Exception as exc:
-        from ._errors import QcoreError
-
         if isinstance(exc, QcoreError):
             return _report(str(exc), EXIT_ERROR, debug)
         if isinstance(exc, OSError):  # the environment (permissions, a full disk), not a bug
@@ -288,8 +294,6 @@ def _print_json(data: Any) -> None:
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
-    from ._registry import available_backends, get_backend
-
     rows = []
     for info in available_backends():
         row = asdict(info)
@@ -334,8 +338,6 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ._cli_inspect import survey
-
     result = survey(args.path, subfolder=args.subfolder, variant=args.variant, revision=args.revision)
     if args.json:
         _print_json(result.to_json())
@@ -422,8 +424,6 @@ def parse_settings(settings: Sequence[str]) -> dict[str, Any]:
 def _torch_dtype(name: str | None) -> Any:
     if name is None:
         return None
-    import torch
-
     value = getattr(torch, name.removeprefix("torch."), None)
     if not isinstance(value, torch.dtype):
         raise UsageError(f"--torch-dtype {name!r} is not a torch dtype (e.g. bfloat16, float16, float32)")
@@ -483,12 +483,6 @@ def _detect_model_class(config: dict[str, Any], where: str) -> type:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from ._checkpoint import CONFIG_NAME, locate_checkpoint, read_json
-    from ._errors import ConfigError
-    from ._loading import from_pretrained
-    from ._registry import get_backend
-    from ._saving import save_pretrained
-
     settings = parse_settings(args.settings)
     torch_dtype = _torch_dtype(args.torch_dtype)
     model_cls = _import_model_class(args.model) if args.model else None
@@ -512,7 +506,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     files = locate_checkpoint(
         args.src, subfolder=args.subfolder, variant=args.variant, revision=args.revision
     )
-    src_config = read_json(files.config_path)
+    src_config = read_json(files.config_path) if files.config_path is not None else {}
     existing = src_config.get("quantization_config")
     if existing is not None:
         method = existing.get("quant_method") if isinstance(existing, dict) else existing

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from .._saving import save_pretrained
 from ._conformance import BackendSuite, first_tensor, relative_error
 
 #: The capabilities the kit can check, in the order of the capability matrix.
@@ -298,8 +299,6 @@ class BackendCapabilities(BackendSuite):
 def capability_matrix(suites: Sequence[tuple[str, type[BackendCapabilities]]], workdir: Path) -> str:
     """The capability matrix as a Markdown table, one row per ``(label, suite class)``, from the
     results of the kit's checks run now (not from the declarations)."""
-    from .._saving import save_pretrained
-
     header = "| backend | " + " | ".join(f"`{c}`" for c in CAPABILITIES) + " |"
     lines = [header, "|" + "---|" * (len(CAPABILITIES) + 1)]
     for index, (label, suite_class) in enumerate(suites):

@@ -16,7 +16,7 @@ from torch import nn
 from .._config import QuantizationConfig
 from .._errors import CorruptCheckpointError, DequantizeError, DtypeCastError, QcoreError
 from .._loading import from_pretrained
-from .._model import dequantize
+from .._quantized import dequantize
 from .._quantizer import Quantizer, module_matches
 from .._registry import get_backend
 from .._saving import save_pretrained
