@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._config import QuantizationConfig
+from ._noinit import no_init_on_meta
 
 if TYPE_CHECKING:
     import torch
@@ -97,8 +98,6 @@ def replace_linear_layers(
         for name, module in model.named_modules()
         if type(module) in types and not module_matches(name, modules_to_not_convert)
     ]
-    from ._noinit import no_init_on_meta
-
     with init_empty_weights(), no_init_on_meta():
         for name, module in targets:
             parent_name, _, child = name.rpartition(".")
