@@ -6,20 +6,44 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1]
 CLI = "import sys; from qcore.cli import main; sys.exit(main())"
 
 
-def run_python(*args: str) -> subprocess.CompletedProcess[str]:
-    """``python *args`` with ``helpers`` importable; stdout and stderr captured as text."""
-    env = {
+def _environ() -> dict[str, str]:
+    return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
     }
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def run_python(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python *args`` with ``helpers`` importable; stdout and stderr captured as text."""
+    (result,) = run_python_together(args)
+    return result
+
+
+def run_python_together(*commands: Sequence[str]) -> list[subprocess.CompletedProcess[str]]:
+    """Each of ``commands`` as ``python *command`` (as :func:`run_python`), all started at once: a child
+    spends most of its time importing torch, on a core of its own where there is one."""
+    children = [
+        subprocess.Popen(
+            [sys.executable, *command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_environ(),
+        )
+        for command in commands
+    ]
+    results = []
+    for child in children:
+        stdout, stderr = child.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr))
+    return results
 
 
 def lines_with(text: str, needles: Iterable[str]) -> list[str]:
@@ -33,7 +57,9 @@ def quantize_quiet_and_verbose(
 ) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
     """``qcore quantize`` of a TinyTransformer checkpoint, without and with ``-v``; both must succeed."""
     model = ["--model", "helpers.models:TinyTransformer", *options]
-    quiet = run_python("-c", CLI, "quantize", str(source), str(out / "quiet"), *model)
-    verbose = run_python("-c", CLI, "-v", "quantize", str(source), str(out / "verbose"), *model)
+    quiet, verbose = run_python_together(
+        ["-c", CLI, "quantize", str(source), str(out / "quiet"), *model],
+        ["-c", CLI, "-v", "quantize", str(source), str(out / "verbose"), *model],
+    )
     assert quiet.returncode == 0 and verbose.returncode == 0, quiet.stderr + verbose.stderr
     return quiet, verbose
