@@ -6,6 +6,7 @@ calls of a save wrapped so that the child kills itself with SIGKILL, or pauses, 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -13,13 +14,33 @@ import select
 import shutil
 import signal
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import torch
 
+import qcore
+from helpers.int8_backend import BACKEND, Int8TestConfig
+from helpers.models import TinyTransformer, make_tiny
 from qcore import _atomic, _saving
+
+
+@contextlib.contextmanager
+def saved_models(root: Path) -> Iterator[dict[str, Any]]:
+    """The saves' subjects, with the in-test int8 backend registered meanwhile: a bfloat16 TinyTransformer
+    (``bf16``, saved to ``src`` under ``root``), its int8 load (``int8``) and an input (``x``)."""
+    qcore.register_backend(BACKEND)
+    try:
+        bf16 = make_tiny()
+        qcore.save_pretrained(bf16, root / "src")
+        int8 = TinyTransformer.from_pretrained(root / "src", quantization_config=Int8TestConfig())
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+        yield {"bf16": bf16, "int8": int8, "src": root / "src", "x": x}
+    finally:
+        qcore.unregister_backend(BACKEND.quant_method)
+
 
 LEFTOVER_MARKS = (".qcore-tmp", ".qcore-old")
 

@@ -19,26 +19,17 @@ from typing import Any
 
 import pytest
 import torch
-from saving_support import fork_saver, leftovers, snapshot, wait_child
+from saving_support import fork_saver, leftovers, saved_models, snapshot, wait_child
 
 import qcore
-from helpers.int8_backend import BACKEND, Int8TestConfig
-from helpers.models import TinyTransformer, make_tiny
+from helpers.models import TinyTransformer
 from qcore import _atomic
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    qcore.register_backend(BACKEND)
-    try:
-        root = tmp_path_factory.mktemp("models")
-        bf16 = make_tiny()
-        qcore.save_pretrained(bf16, root / "src")
-        int8 = TinyTransformer.from_pretrained(root / "src", quantization_config=Int8TestConfig())
-        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-        yield {"bf16": bf16, "int8": int8, "x": x}
-    finally:
-        qcore.unregister_backend(BACKEND.quant_method)
+    with saved_models(tmp_path_factory.mktemp("models")) as models:
+        yield models
 
 
 def _template(root: Path, models: dict[str, Any], kind: str) -> Path | None:
