@@ -128,3 +128,28 @@ def test_deepcopy_keeps_the_loads_observers(
     twin = copy.deepcopy(model)
     qcore.save_pretrained(twin, tmp_path / "twin")
     assert observer.saved == [id(twin)]
+
+
+def test_deepcopy_of_a_quantized_diffusers_model_saves_through_its_own_method(tmp_path: Path) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    from helpers.models import flux_inputs, tiny_flux_config
+
+    torch.manual_seed(0)
+    diffusers.FluxTransformer2DModel(**tiny_flux_config()).to(torch.bfloat16).save_pretrained(tmp_path / "f")
+    model = qcore.from_pretrained(
+        diffusers.FluxTransformer2DModel,
+        tmp_path / "f",
+        quantization_config=_bnb_nf4(),
+        torch_dtype=torch.bfloat16,
+    )
+    twin = copy.deepcopy(model)
+    inputs = flux_inputs()
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+        assert torch.equal(twin(**inputs)[0], expected)
+    twin.save_pretrained(tmp_path / "twin")  # diffusers' method on a quantized model: qcore's save
+    reloaded = qcore.from_pretrained(
+        diffusers.FluxTransformer2DModel, tmp_path / "twin", torch_dtype=torch.bfloat16
+    )
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs)[0], expected)
