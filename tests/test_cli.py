@@ -25,6 +25,7 @@ from helpers.models import TinyTransformer, flux_inputs, tiny_flux_config
 from qcore.cli import build_parser, main
 
 TESTS_DIR = Path(__file__).parent
+TINY = "helpers.models:TinyTransformer"
 
 
 def qcore_script() -> str:
@@ -51,6 +52,11 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         'raise ImportError("libbroken.so not found: install broken-runtime")\n'
     )
     return site
+
+
+def quantize_argv(source: Path, target: Path, *options: str, method: str = "int8-test") -> list[str]:
+    """``qcore quantize`` of the tiny test model from ``source`` to ``target`` with the backend ``method``."""
+    return ["quantize", str(source), str(target), "--method", method, "--model", TINY, *options]
 
 
 def run_qcore(
@@ -137,13 +143,7 @@ def test_quantize_inspect_and_load_through_console_script(
 ) -> None:
     dst = tmp_path / "tiny-int8"
     result = run_qcore(
-        "quantize",
-        str(tiny_ckpt),
-        str(dst),
-        "--method",
-        "int8-test",
-        "--model",
-        "helpers.models:TinyTransformer",
+        *quantize_argv(tiny_ckpt, dst),
         "--set",
         "compute_dtype=bfloat16",
         "--set",
@@ -213,20 +213,7 @@ def test_inspect_without_backend_fails_with_install_hint(
     dst = tmp_path / "q"
     qcore.register_backend(BACKEND)
     try:
-        assert (
-            main(
-                [
-                    "quantize",
-                    str(tiny_ckpt),
-                    str(dst),
-                    "--method",
-                    "int8-test",
-                    "--model",
-                    "helpers.models:TinyTransformer",
-                ]
-            )
-            == 0
-        )
+        assert main(quantize_argv(tiny_ckpt, dst)) == 0
     finally:
         qcore.unregister_backend("int8-test")
     result = run_qcore("inspect", str(dst))  # no site: the backend is not installed
@@ -389,23 +376,19 @@ def test_quantize_refuses_existing_output_and_quantized_source(
     int8_backend: qcore.Backend, tiny_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     dst = tmp_path / "q"
-    base = ["--method", "int8-test", "--model", "helpers.models:TinyTransformer"]
-    assert main(["quantize", str(tiny_ckpt), str(dst), *base]) == 0
+    assert main(quantize_argv(tiny_ckpt, dst)) == 0
     before = (dst / "diffusion_pytorch_model.safetensors").read_bytes()
     (dst / "README.md").write_text("kept")
     capsys.readouterr()
 
-    assert main(["quantize", str(tiny_ckpt), str(dst), *base, "--set", "compute_dtype=float32"]) == 1
+    assert main([*quantize_argv(tiny_ckpt, dst), "--set", "compute_dtype=float32"]) == 1
     assert "--overwrite" in error_line(capsys.readouterr().err)
     assert (dst / "diffusion_pytorch_model.safetensors").read_bytes() == before
 
-    assert main(["quantize", str(dst), str(tmp_path / "again"), *base]) == 1
+    assert main(quantize_argv(dst, tmp_path / "again")) == 1
     assert "already quantized (quant_method 'int8-test')" in error_line(capsys.readouterr().err)
 
-    assert (
-        main(["quantize", str(tiny_ckpt), str(dst), *base, "--set", "compute_dtype=float32", "--overwrite"])
-        == 0
-    )
+    assert main(quantize_argv(tiny_ckpt, dst, "--set", "compute_dtype=float32", "--overwrite")) == 0
     assert json.loads((dst / "config.json").read_text())["quantization_config"]["compute_dtype"] == "float32"
     assert (dst / "README.md").read_text() == "kept"
 
@@ -448,15 +431,7 @@ def boom_backend() -> Iterator[None]:
 def test_unexpected_backend_error_exits_3_and_debug_shows_traceback(
     boom_backend: None, tiny_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = [
-        "quantize",
-        str(tiny_ckpt),
-        str(tmp_path / "q"),
-        "--method",
-        "int8-boom",
-        "--model",
-        "helpers.models:TinyTransformer",
-    ]
+    argv = quantize_argv(tiny_ckpt, tmp_path / "q", method="int8-boom")
     assert main(argv) == 3
     err = capsys.readouterr().err
     assert "unexpected RuntimeError: boom in postprocess_model (rerun with --debug" in error_line(err)
