@@ -325,6 +325,31 @@ class _QcoreDriver:
 
     qcore_backend: Backend
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        # A deep copy of a model loaded through the bridge (an EMA copy) gets its own quantizer, and a plugin
+        # manager with it: plugin managers hold modules, which cannot be copied.
+        clone = copy.copy(self)
+        memo[id(self)] = clone
+        for name, value in self.__dict__.items():
+            if name not in ("plugins", "hooks"):
+                clone.__dict__[name] = copy.deepcopy(value, memo)
+        if "qcore" in self.__dict__:
+            clone.plugins = make_plugin_manager(clone.qcore)
+            clone.hooks = clone.plugins.hook
+        return clone
+
+    @property
+    def is_trainable(self) -> bool:
+        return self.qcore.is_trainable
+
+    @property
+    def is_compileable(self) -> bool:
+        return self.qcore.is_compileable
+
+    def _dequantize(self, model: torch.nn.Module, dtype: Any = None) -> torch.nn.Module:
+        """Both libraries' dequantize step (transformers also passes a dtype): the backend's hook."""
+        return self.hooks.dequantize(quantizer=self.qcore, model=model)
+
     def _start(self, config: Any, pre_quantized: bool) -> QuantizationConfig:
         backend = self.qcore_backend
         if isinstance(config, LibraryConfigView):
@@ -347,7 +372,6 @@ class _QcoreDriver:
         config = copy.deepcopy(config)  # the user's object is never mutated
         self.qcore: Quantizer = backend.quantizer_class(config, pre_quantized=pre_quantized)
         self.plugins = make_plugin_manager(self.qcore)
-        self.qcore.hooks = self.plugins.hook
         self.hooks = self.plugins.hook
         self.qcore_model: torch.nn.Module | None = None
         self.qcore_torch_dtype: torch.dtype | None = None
@@ -655,9 +679,6 @@ def diffusers_adapter_base() -> type:
             attach_load_record(model, LoadRecord(self.qcore, self.hooks))
             return model
 
-        def _dequantize(self, model: torch.nn.Module) -> torch.nn.Module:
-            return self.hooks.dequantize(quantizer=self.qcore, model=model)
-
         def get_state_dict_and_metadata(
             self, state_dict: dict[str, Any], safe_serialization: bool = False
         ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -668,14 +689,6 @@ def diffusers_adapter_base() -> type:
         @property
         def is_serializable(self) -> bool:
             return bool(self.hooks.is_serializable(quantizer=self.qcore))
-
-        @property
-        def is_trainable(self) -> bool:
-            return self.qcore.is_trainable
-
-        @property
-        def is_compileable(self) -> bool:
-            return self.qcore.is_compileable
 
     _diffusers_base = QcoreDiffusersQuantizer
     return QcoreDiffusersQuantizer
@@ -869,9 +882,6 @@ def transformers_adapter_base() -> type:
                     )
                     self._quantize_group(model, name, tensors, device, self._headers.metadata)
 
-        def _dequantize(self, model: torch.nn.Module, dtype: Any = None) -> torch.nn.Module:
-            return self.hooks.dequantize(quantizer=self.qcore, model=model)
-
         def get_state_dict_and_metadata(self, model: torch.nn.Module) -> tuple[Any, dict[str, str]]:
             state_dict, metadata = self.hooks.get_state_dict_and_metadata(
                 quantizer=self.qcore, model=model, state_dict=model.state_dict()
@@ -880,14 +890,6 @@ def transformers_adapter_base() -> type:
 
         def is_serializable(self) -> bool:
             return bool(self.hooks.is_serializable(quantizer=self.qcore))
-
-        @property
-        def is_trainable(self) -> bool:
-            return self.qcore.is_trainable
-
-        @property
-        def is_compileable(self) -> bool:
-            return self.qcore.is_compileable
 
     _transformers_base = QcoreTransformersQuantizer
     return QcoreTransformersQuantizer
