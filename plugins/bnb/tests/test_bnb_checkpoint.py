@@ -264,21 +264,6 @@ NF4_DAMAGE = [
 ]
 
 
-@pytest.mark.parametrize(("label", "edit", "error", "key"), NF4_DAMAGE, ids=[d[0] for d in NF4_DAMAGE])
-def test_damaged_4bit_checkpoint_raises_naming_the_key(
-    nf4_ckpt: Path,
-    tmp_path: Path,
-    label: str,
-    edit,
-    error: type,
-    key: str,  # noqa: ANN001
-) -> None:
-    path = damaged(nf4_ckpt, tmp_path / "bad", edit)
-    with pytest.raises(error) as info:
-        qcore.from_pretrained(TinyTransformer, path, torch_dtype=torch.bfloat16)
-    assert key in str(info.value)
-
-
 def test_quant_state_for_another_shape_is_refused(nf4_ckpt: Path, tmp_path: Path) -> None:
     blob = load_file(nf4_ckpt / WEIGHTS)[QS]
     info = json.loads(bytes(blob.tolist()))
@@ -307,16 +292,22 @@ INT8_DAMAGE = [
 ]
 
 
-@pytest.mark.parametrize(("label", "edit", "error", "key"), INT8_DAMAGE, ids=[d[0] for d in INT8_DAMAGE])
-def test_damaged_8bit_checkpoint_raises_naming_the_key(
-    int8_ckpt: Path,
+DAMAGE = [("nf4", *damage) for damage in NF4_DAMAGE] + [("int8", *damage) for damage in INT8_DAMAGE]
+
+
+@pytest.mark.parametrize(
+    ("kind", "label", "edit", "error", "key"), DAMAGE, ids=[f"{d[0]}: {d[1]}" for d in DAMAGE]
+)
+def test_damaged_checkpoint_raises_naming_the_key(
+    request: pytest.FixtureRequest,
     tmp_path: Path,
+    kind: str,
     label: str,
     edit,
     error: type,
     key: str,  # noqa: ANN001
 ) -> None:
-    path = damaged(int8_ckpt, tmp_path / "bad", edit)
+    path = damaged(request.getfixturevalue(f"{kind}_ckpt"), tmp_path / "bad", edit)
     with pytest.raises(error) as info:
         qcore.from_pretrained(TinyTransformer, path, torch_dtype=torch.bfloat16)
     assert key in str(info.value)
