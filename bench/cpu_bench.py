@@ -1,12 +1,16 @@
 """The CPU benchmark: a ~160M-parameter FluxTransformer2DModel, qcore vs diffusers, one run.
 
-    python bench/cpu_bench.py --out bench-cpu.jsonl            # about 3 minutes on 2 cores
+    python bench/cpu_bench.py --out bench-cpu.jsonl --repeat 3   # about 10 minutes on 2 cores
 
 Writes a seeded random checkpoint (4 double + 8 single blocks, 12 heads of 64, text width 768:
 160.5M parameters, 0.32 GB in bf16) and qcore's nf4 pre-quantized version of it into a temporary
 folder, then runs bench/run.py on the CPU: qcore and diffusers for bf16, torchao int8 weight-only,
 bnb nf4 on load and nf4 pre-quantized, plus the raw safetensors and preadv loaders, each run in a
 fresh process, --repeat times. diffusers refuses bitsandbytes without a GPU; those rows say so.
+
+Besides the times (compare them only as ratios within one run: the machine is shared), each model row
+has the load's own RSS peak (the rise of VmHWM over the RSS just before the load) over the final
+model's size: for a quantize-on-load, how much more than the quantized model the load held at once.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workdir", type=Path, help="keep the checkpoints here (default: a temporary folder)")
     p.add_argument("--modes", default="bf16,int8wo,nf4,nf4-prequantized")
+    p.add_argument("--loaders", default="qcore,diffusers,safetensors,preadv")
     args = p.parse_args(argv)
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="qcore-cpu-bench-"))
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             "--checkpoint",
             str(bf16),
             "--loaders",
-            "qcore,diffusers,safetensors,preadv",
+            args.loaders,
             "--modes",
             args.modes,
             "--repeat",

@@ -9,6 +9,10 @@
 # (cProfile of qcore's loads), benchmarks.png and log.txt. Checkpoints go to $BENCH_WORK (default
 # bench/.data; 31 GB for the full size), which is reused when it already holds them. The gpu-marked
 # tests run too (gpu-tests.xml; BENCH_GPU_TESTS=0 leaves them out).
+# Every loader runs BENCH_REPEAT times (default 3; the summary gives median and spread). The steps can
+# run in separate calls on the same machine (BENCH_STEPS, a comma list of make, warm, cold, tests,
+# summary; default all), the results accumulating in $WORK/results.jsonl, copied to $OUT after each
+# step: BENCH_WARM_MODES and BENCH_COLD_MODES choose the modes of the warm and cold steps.
 # For a smoke test of this script without a GPU: BENCH_DEVICE=cpu BENCH_WHEELS=none BENCH_MODEL_ARGS=
 # "--layers 1 1 --heads 4 --head-dim 32 --joint-dim 64 --pooled-dim 32" bash bench/gpu_suite.sh --small
 set -uo pipefail
@@ -44,8 +48,13 @@ PY
 
 WHEELS=${BENCH_WHEELS:-.whl}
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
-    || { echo "installing the carried wheels failed" >&2; exit 1; }
+  # a later call on the same machine with the same wheels skips the install
+  STAMP=$(cat "$WHEELS"/*.whl | md5sum | cut -d' ' -f1)
+  if [ "$(cat /tmp/site/.qcore-wheels 2>/dev/null)" != "$STAMP" ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+      || { echo "installing the carried wheels failed" >&2; exit 1; }
+    echo "$STAMP" > /tmp/site/.qcore-wheels
+  fi
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 else
   echo "no wheels in $WHEELS/: using what is installed (run bench/fetch_wheels.sh on a machine with network)" >&2
@@ -53,47 +62,74 @@ fi
 "$PY" -c "import diffusers, bitsandbytes, torchao, qcore, qcore_bnb, qcore_torchao" || exit 1
 
 if [ "$SMALL" = 1 ]; then
-  LAYERS=(--layers 2 4); REPEAT=2; NAME=small
+  LAYERS=(--layers 2 4); NAME=small
 else
-  LAYERS=(--layers 19 38); REPEAT=1; NAME=flux-dev
+  LAYERS=(--layers 19 38); NAME=flux-dev
 fi
+REPEAT=${BENCH_REPEAT:-3}
+STEPS=",${BENCH_STEPS:-make,warm,cold,tests,summary},"
+WARM_MODES=${BENCH_WARM_MODES:-bf16,nf4,nf4-prequantized,int8wo}
+COLD_MODES=${BENCH_COLD_MODES:-bf16,nf4,nf4-prequantized}
+has() { [[ "$STEPS" == *",$1,"* ]]; }
 if [ -n "${BENCH_MODEL_ARGS:-}" ]; then
   read -r -a LAYERS <<<"$BENCH_MODEL_ARGS"; NAME=custom
 fi
 BF16="$WORK/$NAME-bf16"; NF4="$WORK/$NAME-nf4"
-rm -f "$OUT/results.jsonl" "$OUT/profile.txt"
+RESULTS="$WORK/results.jsonl"; PROFILE="$WORK/profile.txt"
+keep() { cp -f "$RESULTS" "$OUT/results.jsonl" 2>/dev/null; cp -f "$PROFILE" "$OUT/profile.txt" 2>/dev/null; true; }
+trap keep EXIT
 
 step() { echo "=== [$SECONDS s] $*"; }
+if has make; then
+rm -f "$RESULTS" "$PROFILE"
 step "checkpoint $NAME bf16"
 [ -f "$BF16/config.json" ] || "$PY" bench/make_checkpoint.py "${LAYERS[@]}" --device "$DEVICE" --out "$BF16" || exit 1
 step "checkpoint $NAME nf4, pre-quantized by qcore"
 [ -f "$NF4/config.json" ] || "$PY" bench/make_checkpoint.py --prequantize nf4 --from "$BF16" --device "$DEVICE" --out "$NF4" || exit 1
 du -sh "$BF16" "$NF4"
-
-step "warm page cache: every loader and mode"
-"$PY" bench/run.py --device "$DEVICE" --checkpoint "$BF16" --prequantized "$NF4" --repeat "$REPEAT" --import-check \
-  --timeout 150 --out "$OUT/results.jsonl" --profile "$OUT/profile.txt" --modes bf16,nf4,nf4-prequantized,int8wo
-
-# cold rows last: they need root, and each one reads the checkpoint from the disk
-if [ "$DEVICE" = cuda ] && [ "$(id -u)" = 0 ] && [ "$SECONDS" -lt 400 ]; then
-  step "cold page cache: bf16"
-  "$PY" bench/run.py --checkpoint "$BF16" --modes bf16 --drop-caches --no-env --timeout 120 \
-    --loaders qcore,diffusers,preadv,instanttensor,instanttensor-direct --out "$OUT/results.jsonl"
-else
-  step "cold page cache rows skipped (no GPU, not root, or past the time budget at ${SECONDS} s)"
 fi
 
-if [ "${BENCH_GPU_TESTS:-1}" = 1 ] && "$PY" -c "import pytest" 2>/dev/null; then
+if has warm; then
+  step "warm page cache: $WARM_MODES, $REPEAT repeats"
+  ENV_FLAG=(); [ -f "$RESULTS" ] && ENV_FLAG=(--no-env)
+  "$PY" bench/run.py --device "$DEVICE" --checkpoint "$BF16" --prequantized "$NF4" --repeat "$REPEAT" \
+    "${ENV_FLAG[@]}" --import-check --timeout 150 --out "$RESULTS" --profile "$PROFILE" --modes "$WARM_MODES" \
+    --loaders "${BENCH_WARM_LOADERS:-qcore,diffusers,preadv,instanttensor}"
+  keep
+fi
+
+# cold rows: they need root, and each one reads the checkpoint from the disk; per mode, the raw
+# loaders that were fastest cold before (the quantize-on-load modes read the bf16 bytes)
+if has cold && [ "$DEVICE" = cuda ] && [ "$(id -u)" = 0 ]; then
+  for mode in ${COLD_MODES//,/ }; do
+    case "$mode" in
+      bf16) loaders=qcore,diffusers,instanttensor-direct ;;
+      nf4-prequantized) loaders=qcore,diffusers,preadv,instanttensor-direct ;;
+      *) loaders=qcore,diffusers ;;
+    esac
+    step "cold page cache: $mode ($loaders), $REPEAT repeats"
+    "$PY" bench/run.py --checkpoint "$BF16" --prequantized "$NF4" --modes "$mode" --drop-caches --no-env \
+      --timeout 120 --repeat "$REPEAT" --loaders "$loaders" --out "$RESULTS"
+    keep
+  done
+elif has cold; then
+  step "cold page cache rows skipped (no GPU or not root)"
+fi
+
+if has tests && [ "${BENCH_GPU_TESTS:-1}" = 1 ] && "$PY" -c "import pytest" 2>/dev/null; then
   # The gpu-marked tests (skipped without CUDA); load times and peak memory land in gpu-tests.xml.
   step "gpu tests"
   "$PY" -m pytest -m gpu -q -p no:cacheprovider tests plugins/bnb/tests plugins/torchao/tests \
     examples/qcore-int8/tests --junitxml "$OUT/gpu-tests.xml" || echo "gpu tests failed" >&2
-else
+elif has tests; then
   step "gpu tests skipped (BENCH_GPU_TESTS=0 or pytest not importable)"
 fi
 
-step "summary and plot"
-"$PY" bench/run.py --summary "$OUT/results.jsonl" | tee "$OUT/summary.md"
-"$PY" bench/plot.py "$OUT/results.jsonl" --out "$OUT/benchmarks.png" --title "FluxTransformer2DModel $NAME" \
-  || echo "plot failed (matplotlib missing?)" >&2
+if has summary; then
+  step "summary and plot"
+  keep
+  "$PY" bench/run.py --summary "$RESULTS" | tee "$OUT/summary.md"
+  "$PY" bench/plot.py "$RESULTS" --out "$OUT/benchmarks.png" --title "FluxTransformer2DModel $NAME" \
+    || echo "plot failed (matplotlib missing?)" >&2
+fi
 step "done"

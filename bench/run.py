@@ -226,6 +226,9 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "available_backends_s",
             "import_torch_s",
             "load_cpu_s",
+            "load_peak_rss_gb",
+            "model_bytes_gb",
+            "load_rss_over_model",
         ):
             value = _median(ok, key)
             if value is not None:
@@ -257,8 +260,9 @@ def markdown_tables(records: list[dict[str, Any]]) -> str:
     rows = aggregate(records)
     lines = [
         "| loader | mode | cache | load s, median (min–max) | load CPU s, min | peak GPU during load GB "
-        "| model on GPU GB | peak RSS GB | forward s | rel err vs bf16 | rel err vs diffusers | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model on GPU GB | peak RSS GB | load's RSS peak / model | forward s | rel err vs bf16 "
+        "| rel err vs diffusers | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     model_rows = [r for r in rows if r["loader"] in MODEL_LOADERS and r["mode"] != "import"]
     for r in model_rows:
@@ -269,21 +273,26 @@ def markdown_tables(records: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['loader']} | {r['mode']} | {r['cache']} | {load} "
             f"| {_fmt(r.get('load_cpu_s_min', r.get('load_cpu_s')))} | {_fmt(r.get('peak_gpu_gb'))} "
-            f"| {_fmt(r.get('model_gpu_gb'))} | {_fmt(r.get('peak_rss_gb'))} | {_fmt(r.get('forward_s'), 3)} "
+            f"| {_fmt(r.get('model_gpu_gb'))} | {_fmt(r.get('peak_rss_gb'))} "
+            f"| {_fmt(r.get('load_rss_over_model'))} | {_fmt(r.get('forward_s'), 3)} "
             f"| {_fmt(r.get('rel_err_vs_bf16'), 4)} | {_fmt(r.get('rel_err_vs_diffusers'), 4)} | {status} |"
         )
     raw_rows = [r for r in rows if r["loader"] in RAW_LOADERS]
     if raw_rows:
         lines += [
             "",
-            "| raw loader | bytes of | cache | s | GB/s | peak GPU during load GB | peak RSS GB | status |",
+            "| raw loader | bytes of | cache | s, median (min–max) | GB/s | peak GPU during load GB "
+            "| peak RSS GB | status |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in raw_rows:
             status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error')}"
+            load = _fmt(r.get("load_s"))
+            if "load_s_min" in r:
+                load += f" ({_fmt(r['load_s_min'])}–{_fmt(r['load_s_max'])})"
             lines.append(
                 f"| {r['loader']} | {r['mode']} ({_fmt(r.get('checkpoint_gb'))} GB) | {r['cache']} "
-                f"| {_fmt(r.get('load_s'))} | {_fmt(r.get('gb_per_s'), 1)} | {_fmt(r.get('peak_gpu_gb'))} "
+                f"| {load} | {_fmt(r.get('gb_per_s'), 1)} | {_fmt(r.get('peak_gpu_gb'))} "
                 f"| {_fmt(r.get('peak_rss_gb'))} | {status} |"
             )
     lines += ["", ratio_table(rows)]
@@ -327,7 +336,7 @@ def _row(rows: list[dict[str, Any]], loader: str, mode: str, cache: str) -> dict
 
 def ratio_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "Ratios use the fastest of the repeats of each row.",
+        "Ratios use the median of the repeats of each row (the spread is in the table above).",
         "",
         "| mode | cache | qcore s | diffusers s | qcore / diffusers | fastest raw (s) | qcore / raw "
         "| target | peak GPU ≤ model+2% | peak RSS ≤ 1.5 GB | rel err vs diffusers ≤ 1e-3 |",
@@ -360,8 +369,8 @@ def ratio_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _best(row: dict[str, Any]) -> float:
-    """The fastest of the repeats: on a shared machine the other loads only ever add time."""
-    return row.get("load_s_min", row["load_s"])
+    """The median of the repeats."""
+    return row["load_s"]
 
 
 def _verdict(ok: bool | None, value: Any) -> str:
@@ -379,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prequantized", type=Path, help="nf4 checkpoint (make_checkpoint.py --prequantize nf4)")
     p.add_argument("--modes", default=",".join(ALL_MODES))
     p.add_argument("--loaders", default=",".join(MODEL_LOADERS + RAW_LOADERS))
-    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu, for smoke tests")
     p.add_argument("--out", type=Path, help="append the JSON lines to this file too")
     p.add_argument("--refdir", type=Path, help="forward outputs (default: a fresh temporary folder)")

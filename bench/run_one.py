@@ -34,6 +34,26 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak_rss() -> None:
+    """Reset the kernel's high-water mark of this process's RSS (VmHWM), so the load's own peak shows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_since_reset() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
@@ -234,7 +254,9 @@ def run(args: argparse.Namespace, record: dict[str, Any]) -> None:
         load = load_model(args.loader, args.mode, path, args.device, torch)
     else:
         load = load_raw(args.loader, path, args.device, args.threads)
-    record["rss_before_gb"] = round(rss_bytes() / GB, 3)
+    rss_before = rss_bytes()
+    record["rss_before_gb"] = round(rss_before / GB, 3)
+    reset_peak_rss()
     base_gpu = torch.cuda.memory_allocated() if args.device.startswith("cuda") else 0
     if args.device.startswith("cuda"):
         free, total = torch.cuda.mem_get_info()
@@ -257,6 +279,10 @@ def run(args: argparse.Namespace, record: dict[str, Any]) -> None:
         write_profile(profiler, args, record)
 
     record["peak_rss_gb"] = round(peak_rss_bytes() / GB, 3)
+    load_peak = peak_rss_since_reset()
+    if load_peak is not None:
+        # what the load itself added at its peak, over the RSS just before it
+        record["load_peak_rss_gb"] = round((load_peak - rss_before) / GB, 3)
     record["rss_after_gb"] = round(rss_bytes() / GB, 3)
     if args.device.startswith("cuda"):
         record["peak_gpu_gb"] = round((torch.cuda.max_memory_allocated() - base_gpu) / GB, 3)
@@ -267,15 +293,24 @@ def run(args: argparse.Namespace, record: dict[str, Any]) -> None:
     files = safetensors_files(path)
     record["checkpoint_gb"] = round(sum(os.path.getsize(f) for f in files) / GB, 3)
     if args.loader in MODEL_LOADERS:
-        record["model_bytes_gb"] = round(
-            sum(t.numel() * t.element_size() for t in obj.state_dict().values()) / GB, 3
-        )
+        record["model_bytes_gb"] = round(sum(map(storage_bytes, obj.state_dict().values())) / GB, 3)
+        if "load_peak_rss_gb" in record and args.device == "cpu" and record["model_bytes_gb"]:
+            record["load_rss_over_model"] = round(record["load_peak_rss_gb"] / record["model_bytes_gb"], 3)
         forward(obj, args, torch, record)
     else:
         nbytes = sum(t.numel() * t.element_size() for t in obj.values())
         record["tensors"] = len(obj)
         record["tensor_gb"] = round(nbytes / GB, 3)
         record["gb_per_s"] = round(nbytes / GB / record["load_s"], 2)
+
+
+def storage_bytes(tensor: Any) -> int:
+    """Bytes a tensor holds; a tensor subclass (torchao's) holds its inner tensors."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is not None and type(tensor).__name__ not in ("Parameter", "Tensor"):
+        names = flatten()[0]
+        return sum(storage_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
 
 
 def write_profile(profiler: Any, args: argparse.Namespace, record: dict[str, Any]) -> None:
