@@ -153,3 +153,30 @@ def test_deepcopy_of_a_quantized_diffusers_model_saves_through_its_own_method(tm
     )
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs)[0], expected)
+
+
+def test_deepcopy_of_a_model_diffusers_loaded_through_the_bridge(tmp_path: Path) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    from helpers.models import flux_inputs, tiny_flux_config
+
+    torch.manual_seed(0)
+    diffusers.FluxTransformer2DModel(**tiny_flux_config()).to(torch.bfloat16).save_pretrained(tmp_path / "f")
+    qcore.enable_bridge()
+    try:
+        model = diffusers.FluxTransformer2DModel.from_pretrained(
+            tmp_path / "f", quantization_config=_int8_example(), torch_dtype=torch.bfloat16
+        )
+        twin = copy.deepcopy(model)
+        assert twin.hf_quantizer is not model.hf_quantizer
+        inputs = flux_inputs()
+        with torch.no_grad():
+            expected = model(**inputs)[0]
+            assert torch.equal(twin(**inputs)[0], expected)
+        twin.save_pretrained(tmp_path / "twin")
+        reloaded = diffusers.FluxTransformer2DModel.from_pretrained(
+            tmp_path / "twin", torch_dtype=torch.bfloat16
+        )
+        with torch.no_grad():
+            assert torch.equal(reloaded(**inputs)[0], expected)
+    finally:
+        qcore.disable_bridge()
