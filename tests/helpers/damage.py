@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -55,13 +56,39 @@ def quantize_and_save(
     return target
 
 
+class Undamaged(NamedTuple):
+    """A valid checkpoint and what the model loaded from it computes for :func:`tiny_input`."""
+
+    path: Path
+    output: torch.Tensor
+
+
 def quantized_checkpoints(
-    root: Path, configs: Mapping[str, qcore.QuantizationConfig], torch_dtype: torch.dtype | None = None
-) -> dict[str, Path]:
+    root: Path,
+    configs: Mapping[str, qcore.QuantizationConfig],
+    load: Load,
+    torch_dtype: torch.dtype | None = None,
+) -> dict[str, Undamaged]:
     """A bfloat16 TinyTransformer saved under ``root``, then quantized by each config and saved under the
-    config's name."""
+    config's name, with the output of the model ``load`` reads back from there."""
     plain = save_tiny(root)
-    return {name: quantize_and_save(plain, cfg, root / name, torch_dtype) for name, cfg in configs.items()}
+    checkpoints = {}
+    for name, config in configs.items():
+        path = quantize_and_save(plain, config, root / name, torch_dtype)
+        with torch.no_grad():
+            checkpoints[name] = Undamaged(path, load(path)(tiny_input()))
+    return checkpoints
+
+
+def case_ids(cases: Sequence[tuple[Any, ...]]) -> list[str]:
+    """``"checkpoint: label"`` for each ``(checkpoint, label, edit, key)`` case; :func:`assert_many_distinct`
+    checks they are unique."""
+    return [f"{case[0]}: {case[1]}" for case in cases]
+
+
+def assert_many_distinct(cases: Sequence[tuple[Any, ...]], at_least: int) -> None:
+    assert len(cases) >= at_least
+    assert len(set(case_ids(cases))) == len(cases)
 
 
 def save_tiny(directory: Path) -> Path:
@@ -92,18 +119,13 @@ def tiny_input() -> torch.Tensor:
     return torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
 
 
-def outputs(checkpoints: Mapping[str, Path], load: Load) -> dict[str, torch.Tensor]:
-    """Each undamaged checkpoint's output for :func:`tiny_input`."""
-    with torch.no_grad():
-        return {name: load(path)(tiny_input()) for name, path in checkpoints.items()}
-
-
 def assert_refused_by_key_or_harmless(
-    source: Path, damaged: Path, edit: Edit, key: str | None, label: str, expected: torch.Tensor, load: Load
+    source: Undamaged, damaged: Path, edit: Edit, key: str | None, label: str, load: Load
 ) -> None:
     """Copy ``source`` to ``damaged``, apply ``edit`` to its weights file, then load it: the output must
-    equal ``expected`` when ``key`` is None, else the load raises a QcoreError whose message names ``key``."""
-    shutil.copytree(source, damaged)
+    equal the undamaged one when ``key`` is None, else the load raises a QcoreError whose message names
+    ``key``."""
+    shutil.copytree(source.path, damaged)
     (weights,) = damaged.glob("*.safetensors")
     with safe_open(str(weights), framework="pt") as f:
         tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
@@ -111,7 +133,7 @@ def assert_refused_by_key_or_harmless(
     save_file(tensors, str(weights), metadata=metadata)
     if key is None:
         with torch.no_grad():
-            assert torch.equal(load(damaged)(tiny_input()), expected), label
+            assert torch.equal(load(damaged)(tiny_input()), source.output), label
         return
     with pytest.raises(qcore.QcoreError) as info:
         load(damaged)

@@ -16,9 +16,11 @@ import torch
 
 from helpers.damage import (
     Edit,
+    Undamaged,
+    assert_many_distinct,
     assert_refused_by_key_or_harmless,
+    case_ids,
     drop,
-    outputs,
     poke,
     quantized_checkpoints,
     replace,
@@ -34,9 +36,9 @@ QUANT_TYPES = ("int8wo", "int8dq", "float8wo", "int4dq")
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Undamaged]:
     configs = {name: TorchAoConfig(name) for name in QUANT_TYPES}
-    return quantized_checkpoints(tmp_path_factory.mktemp("torchao-hostile"), configs)
+    return quantized_checkpoints(tmp_path_factory.mktemp("torchao-hostile"), configs, load)
 
 
 # --- edits --------------------------------------------------------------------------------------
@@ -121,27 +123,17 @@ def load(path: Path) -> TinyTransformer:
     return TinyTransformer.from_pretrained(path)
 
 
-@pytest.fixture(scope="module")
-def expected_outputs(checkpoints: dict[str, Path]) -> dict[str, torch.Tensor]:
-    return outputs(checkpoints, load)
-
-
 def test_the_generated_set_is_large() -> None:
-    assert len(CASES) >= 80
-    assert len({(c[0], c[1]) for c in CASES}) == len(CASES)
+    assert_many_distinct(CASES, at_least=80)
 
 
-@pytest.mark.parametrize(
-    ("quant_type", "label", "edit", "key"), CASES, ids=[f"{c[0]}: {c[1]}" for c in CASES]
-)
+@pytest.mark.parametrize(("quant_type", "label", "edit", "key"), CASES, ids=case_ids(CASES))
 def test_damaged_inner_tensor_is_refused_by_key_or_harmless(
-    checkpoints: dict[str, Path],
-    expected_outputs: dict[str, torch.Tensor],
+    checkpoints: dict[str, Undamaged],
     tmp_path: Path,
     quant_type: str,
     label: str,
     edit: Edit,
     key: str | None,
 ) -> None:
-    source, expected = checkpoints[quant_type], expected_outputs[quant_type]
-    assert_refused_by_key_or_harmless(source, tmp_path / "damaged", edit, key, label, expected, load)
+    assert_refused_by_key_or_harmless(checkpoints[quant_type], tmp_path / "damaged", edit, key, label, load)
