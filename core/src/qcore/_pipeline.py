@@ -200,19 +200,16 @@ def quantization_plan(
             )
         chosen = {name: quantization_config for name in names}
     unknown = [name for name in chosen if name not in entries]
-    if unknown:
-        raise ConfigError(
+    not_models = [name for name in chosen if name in entries and name not in models]
+    if unknown or not_models:
+        problem = (
             f"{pipeline} has no component {', '.join(map(repr, unknown))}; its components are "
-            f"{', '.join(sorted(entries))} (quantizable: {', '.join(sorted(models))})",
-            option=unknown[0],
+            f"{', '.join(sorted(entries))} (quantizable: {', '.join(sorted(models))})"
+            if unknown
+            else f"{', '.join(map(repr, not_models))} of {pipeline} cannot be quantized: only models can "
+            f"({', '.join(sorted(models))})"
         )
-    not_models = [name for name in chosen if name not in models]
-    if not_models:
-        raise ConfigError(
-            f"{', '.join(map(repr, not_models))} of {pipeline} cannot be quantized: only models can "
-            f"({', '.join(sorted(models))})",
-            option=not_models[0],
-        )
+        raise ConfigError(problem, option=(unknown or not_models)[0])
     return {name: config for name, config in chosen.items() if config is not None}
 
 
