@@ -501,6 +501,9 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
                 "the checkpoint (exactly one quant_state.bitsandbytes__nf4|fp4 per 4-bit weight)",
             )
         state_key = prefix + state_keys[0]
+        # The packed JSON is read on the host here and again by bitsandbytes' QuantState.from_dict:
+        # one copy to the CPU, so a GPU load waits for the device once per weight instead of twice.
+        stats[state_keys[0]] = stats[state_keys[0]].cpu()
         info = self._quant_state_info(state_key, stats[state_keys[0]])
         quant_type = state_keys[0].rpartition("__")[2]
         nested = "nested_absmax" in stats or "nested_quant_map" in stats or "nested_blocksize" in info
