@@ -80,8 +80,9 @@ keep() { cp -f "$RESULTS" "$OUT/results.jsonl" 2>/dev/null; cp -f "$PROFILE" "$O
 trap keep EXIT
 
 step() { echo "=== [$SECONDS s] $*"; }
-if has make; then
-rm -f "$RESULTS" "$PROFILE"
+# (a fresh machine lacks the checkpoints whatever the steps: they are made first)
+if has make || [ ! -f "$BF16/config.json" ] || [ ! -f "$NF4/config.json" ]; then
+has make && rm -f "$RESULTS" "$PROFILE"
 step "checkpoint $NAME bf16"
 [ -f "$BF16/config.json" ] || "$PY" bench/make_checkpoint.py "${LAYERS[@]}" --device "$DEVICE" --out "$BF16" || exit 1
 step "checkpoint $NAME nf4, pre-quantized by qcore"
