@@ -39,6 +39,7 @@ from ._errors import (
     ShapeMismatchError,
     UnexpectedKeysError,
 )
+from ._helpers import get_module_for_param
 from ._loadrecord import LoadRecord, attach_load_record
 from ._model import family_of, make_model, record_load
 from ._noinit import no_init_on_meta
@@ -550,6 +551,18 @@ def set_plain(load: _Load, param_name: str, value: torch.Tensor | None, device: 
         )
     check_value_dtype(param_name, value, current.dtype, str(load.reader.key_file[param_name]))
     dtype = _load_dtype(param_name, value, load.torch_dtype, load.keep_fp32)
+    module, tensor_name = get_module_for_param(load.model, param_name)
+    if (
+        type(current) is torch.nn.Parameter
+        and not current.__dict__
+        and module._parameters.get(tensor_name) is current
+        and value.dtype == dtype
+        and value.device == device
+    ):
+        # What accelerate's set_module_tensor_to_device does for a plain parameter that needs no cast
+        # or move, without its per-call checks (a few hundred microseconds per parameter).
+        module._parameters[tensor_name] = torch.nn.Parameter(value, requires_grad=current.requires_grad)
+        return
     set_module_tensor_to_device(
         load.model, param_name, device, value=value, dtype=dtype, non_blocking=True, clear_cache=False
     )
