@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 
 import pytest
@@ -48,18 +49,11 @@ def test_config_json_round_trips_both_ways(kwargs: dict) -> None:
 
 def test_defaults_match_diffusers() -> None:
     ours, theirs = BitsAndBytesConfig(), diffusers.BitsAndBytesConfig()
-    for name in (
-        "load_in_8bit",
-        "load_in_4bit",
-        "llm_int8_threshold",
-        "llm_int8_skip_modules",
-        "llm_int8_enable_fp32_cpu_offload",
-        "llm_int8_has_fp16_weight",
-        "bnb_4bit_compute_dtype",
-        "bnb_4bit_quant_type",
-        "bnb_4bit_use_double_quant",
-        "bnb_4bit_quant_storage",
-    ):
+    # Every option diffusers' config takes, read from its signature: one it adds fails here.
+    options = inspect.signature(diffusers.BitsAndBytesConfig.__init__).parameters
+    names = [name for name, p in options.items() if name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert len(names) == 10, names
+    for name in names:
         assert getattr(ours, name) == getattr(theirs, name), name
     assert ours.quantization_method() is None
     assert BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4").quantization_method() == "nf4"
