@@ -10,6 +10,7 @@ nothing of backends: the same one serves every ``quant_method``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -238,6 +239,31 @@ class ConvertedReader:
                     f"({type(exc).__name__}: {exc})"
                 ) from exc
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def byte_ranges(self, key: str) -> list[tuple[int, int]] | None:
+        """``(file offset, nbytes)`` pieces whose concatenation is ``key``'s stored bytes (rows of whole
+        file tensors, in order, neighbours merged), or ``None`` when the format does not lay them out so."""
+        tensors = self.format.tensors()
+        pieces: list[tuple[int, int]] = []
+        for part in self.mapping[key]:
+            info = tensors[part.key]
+            stored = info.stored_shape
+            itemsize = info.dtype.itemsize if info.dtype is not None else 0
+            if info.offset is None or math.prod(stored) * itemsize != info.nbytes:
+                return None
+            rows = stored[0] if stored else 1
+            start, stop = part.bounds(rows)
+            row_bytes = info.nbytes // max(rows, 1)
+            offset, nbytes = info.offset + start * row_bytes, (stop - start) * row_bytes
+            if pieces and pieces[-1][0] + pieces[-1][1] == offset:
+                pieces[-1] = (pieces[-1][0], pieces[-1][1] + nbytes)
+            else:
+                pieces.append((offset, nbytes))
+        return pieces
+
+    def wrap(self, key: str, data: torch.Tensor) -> torch.Tensor:
+        """``key``'s bytes read from :meth:`byte_ranges` as :meth:`read` returns them (the format's type)."""
+        return self.format.wrap(self.mapping[key][0].key, data)
 
     def dtype_and_numel(self, key: str) -> tuple[torch.dtype | None, int]:
         info = self.info(key)

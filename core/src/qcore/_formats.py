@@ -44,7 +44,10 @@ class TensorInfo:
     :meth:`CheckpointFormat.read` returns: the same as the logical ones for a plain tensor; for a
     block-quantized one (``quant_type`` names the format's block type, e.g. ``"Q4_K"``) typically
     ``torch.uint8`` and ``(rows, bytes per row)``. Rows (dim 0) are the same in both shapes, so a
-    converter's row ranges apply to either. ``nbytes`` is the stored size.
+    converter's row ranges apply to either. ``nbytes`` is the stored size. ``offset``, when given, is the
+    absolute file offset of a tensor stored contiguously, row after row, exactly as :meth:`read` returns
+    it: rows ``start:stop`` are then the bytes ``offset + start * row bytes`` onwards, which qcore reads
+    itself (threaded, straight into the target device's memory) and hands to :meth:`CheckpointFormat.wrap`.
     """
 
     shape: tuple[int, ...]
@@ -52,6 +55,7 @@ class TensorInfo:
     quant_type: str | None = None
     nbytes: int = 0
     storage_shape: tuple[int, ...] | None = None
+    offset: int | None = None
 
     @property
     def numel(self) -> int:
@@ -94,6 +98,11 @@ class CheckpointFormat:
         """
         raise NotImplementedError
 
+    def wrap(self, key: str, data: torch.Tensor) -> torch.Tensor:
+        """What :meth:`read` returns for ``data``: rows of ``key`` read by qcore from ``TensorInfo.offset``
+        (dtype and stored shape of ``key``, on any device). Default: ``data`` itself."""
+        return data
+
     def metadata(self) -> dict[str, str]:
         """The file's key/value metadata as strings."""
         return {}
@@ -127,7 +136,7 @@ class SafetensorsFormat(CheckpointFormat):
 
         # The loader's validated header reader: one dtype table, the same checks for single files.
         self._infos: dict[str, TensorInfo] = {
-            key: TensorInfo(info.shape, info.torch_dtype, None, info.nbytes)
+            key: TensorInfo(info.shape, info.torch_dtype, None, info.nbytes, None, info.offset)
             for key, info in read_safetensors_header(self.path).tensors.items()
         }
         try:

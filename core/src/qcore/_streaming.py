@@ -9,8 +9,10 @@ ahead of the consumer, so quantize-on-load keeps peak GPU memory near the final 
 CPU targets read each tensor with ``os.preadv`` into memory of its own, not through a memory map of the
 file: a mapped page that was read stays in the process's RSS until the whole file is closed, so a
 quantize-on-load would peak at the unquantized checkpoint plus the quantized model. Read this way, a
-weight's unquantized bytes are freed as soon as the backend has quantized it. ``.bin`` files and keys
-a converter rewrites take the reader's own path.
+weight's unquantized bytes are freed as soon as the backend has quantized it. Keys a converter maps to
+rows of file tensors (a format plugin's file, e.g. GGUF) are read the same way, as consecutive byte
+pieces of the file, when the format gives its tensors' offsets; ``.bin`` files and formats that do not
+take the reader's own path.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ._checkpoint import CheckpointReader
+from ._converters import ConvertedReader
 from ._errors import CorruptCheckpointError
 
 TRIM_BYTES = 32 << 20
@@ -43,6 +46,37 @@ class _TensorSpan:
     nbytes: int
     dtype: torch.dtype
     shape: tuple[int, ...]
+    pieces: tuple[tuple[int, int], ...] = ()  # (file offset, nbytes) in order, when not one run from start
+    wrap: Callable[[torch.Tensor], torch.Tensor] | None = None  # the reader's type for the bytes read
+
+    def extents(self) -> tuple[tuple[int, int], ...]:
+        return self.pieces or ((self.start, self.nbytes),)
+
+    def finish(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.wrap is None else self.wrap(tensor)
+
+
+def _converted_spans(
+    reader: ConvertedReader, order: Sequence[tuple[str, torch.device]]
+) -> dict[str, _TensorSpan]:
+    """Spans of the keys whose rows the format lays out at known offsets (the others are read by it)."""
+    spans = {}
+    for key, device in order:
+        info = reader.info(key)
+        pieces = reader.byte_ranges(key) if device.type in ("cuda", "cpu") else None
+        if pieces is None or info.torch_dtype is None:
+            continue
+        nbytes = sum(size for _, size in pieces)
+        spans[key] = _TensorSpan(
+            reader.key_file[key],
+            pieces[0][0] if pieces else 0,
+            nbytes,
+            info.torch_dtype,
+            info.shape,
+            tuple(pieces),
+            lambda data, key=key: reader.wrap(key, data),
+        )
+    return spans
 
 
 def _spans(reader: CheckpointReader, keys: Sequence[str]) -> dict[str, _TensorSpan]:
@@ -60,9 +94,12 @@ def _spans(reader: CheckpointReader, keys: Sequence[str]) -> dict[str, _TensorSp
 
 
 def stream_tensors(
-    reader: CheckpointReader, order: Sequence[tuple[str, torch.device]]
+    reader: CheckpointReader | ConvertedReader, order: Sequence[tuple[str, torch.device]]
 ) -> Iterator[torch.Tensor]:
     """Yield the tensors of ``order`` ((key, target device) pairs), in order, on their devices."""
+    if isinstance(reader, ConvertedReader):
+        yield from _stream(reader, order, _converted_spans(reader, order))
+        return
     direct = [
         key
         for key, device in order
@@ -70,7 +107,14 @@ def stream_tensors(
         and reader.key_file[key].suffix == ".safetensors"
         and reader.info(key).offset is not None  # rows of converted keys are read by the reader
     ]
-    spans = _spans(reader, direct)
+    yield from _stream(reader, order, _spans(reader, direct))
+
+
+def _stream(
+    reader: CheckpointReader | ConvertedReader,
+    order: Sequence[tuple[str, torch.device]],
+    spans: dict[str, _TensorSpan],
+) -> Iterator[torch.Tensor]:
     on_gpu = {key for key, device in order if key in spans and device.type == "cuda"}
     files = _Files()
     try:
@@ -83,7 +127,7 @@ def stream_tensors(
             gpu = pipeline.run([(spans[key], device) for key, device in order if key in on_gpu])
             for key, _ in order:
                 if key in on_gpu:
-                    yield next(gpu)
+                    yield spans[key].finish(next(gpu))
                 else:
                     yield _read_new(files, spans[key]) if key in spans else reader.read(key)
                     files.release_freed(spans[key].nbytes if key in spans else 0)
@@ -142,10 +186,14 @@ def _read_exactly(fd: int, view: memoryview, offset: int, path: Path) -> None:
 def _read_new(files: _Files, span: _TensorSpan) -> torch.Tensor:
     """The tensor of ``span`` in a CPU allocation of its own (the same bytes as safetensors gives)."""
     if span.nbytes == 0:
-        return torch.empty(span.shape, dtype=span.dtype)
-    buffer = mmap.mmap(-1, span.nbytes)
-    _read_exactly(files.fd(span.path), memoryview(buffer), span.start, span.path)
-    return torch.frombuffer(buffer, dtype=torch.uint8).view(span.dtype).view(span.shape)
+        return span.finish(torch.empty(span.shape, dtype=span.dtype))
+    # Private: Python's default for anonymous maps is MAP_SHARED, shmem pages that cost ~30% more to fault in.
+    buffer = mmap.mmap(-1, span.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view, done = memoryview(buffer), 0
+    for offset, nbytes in span.extents():
+        _read_exactly(files.fd(span.path), view[done : done + nbytes], offset, span.path)
+        done += nbytes
+    return span.finish(torch.frombuffer(buffer, dtype=torch.uint8).view(span.dtype).view(span.shape))
 
 
 class _CudaPipeline:
@@ -184,12 +232,8 @@ class _CudaPipeline:
             done += got
 
     def run(self, spans: list[tuple[_TensorSpan, torch.device]]) -> Iterator[torch.Tensor]:
-        # (tensor index, offset in tensor, bytes) for every piece, in tensor order
-        pieces = deque(
-            (index, off, min(self.piece, span.nbytes - off))
-            for index, (span, _) in enumerate(spans)
-            for off in range(0, span.nbytes, self.piece)
-        )
+        # (tensor index, offset in tensor, file offset, bytes) for every piece, in tensor order
+        pieces = deque(self._pieces(spans))
         free = list(range(self.slot_count))
         reading: deque[tuple[int, int, int, int, Future[None]]] = deque()
         copying: deque[tuple[torch.cuda.Event, int]] = deque()
@@ -198,12 +242,10 @@ class _CudaPipeline:
 
         def submit() -> None:
             while free and pieces:
-                index, off, nbytes = pieces.popleft()
+                index, off, at, nbytes = pieces.popleft()
                 span = spans[index][0]
                 slot = free.pop()
-                future = self.pool.submit(
-                    self._read, slot, self._fd(span.path), span.start + off, nbytes, span.path
-                )
+                future = self.pool.submit(self._read, slot, self._fd(span.path), at, nbytes, span.path)
                 reading.append((index, off, nbytes, slot, future))
 
         submit()
@@ -228,6 +270,15 @@ class _CudaPipeline:
             submit()
             yield from self._ready(spans, targets, reading)
         yield from self._ready(spans, targets, reading)
+
+    def _pieces(self, spans: list[tuple[_TensorSpan, torch.device]]) -> Iterator[tuple[int, int, int, int]]:
+        for index, (span, _) in enumerate(spans):
+            off = 0
+            for start, size in span.extents():
+                for within in range(0, size, self.piece):
+                    nbytes = min(self.piece, size - within)
+                    yield index, off + within, start + within, nbytes
+                off += size
 
     def _ready(
         self,

@@ -82,12 +82,18 @@ class GGUFFormat(qcore.CheckpointFormat):
                     )
                 shape = orig
             self._tensors[tensor.name] = tensor
+            # Stored row after row from data_offset, so qcore reads row ranges itself (see wrap).
+            offset = int(tensor.data_offset)
             if type_name in FLOAT_TYPES:
-                info = qcore.TensorInfo(shape, FLOAT_TYPES[type_name], None, int(tensor.n_bytes))
+                info = qcore.TensorInfo(
+                    shape, FLOAT_TYPES[type_name], None, int(tensor.n_bytes), None, offset
+                )
             else:
                 rows = shape[:-1]
                 stored_shape = (*rows, int(tensor.n_bytes) // max(1, int(np.prod(rows))))
-                info = qcore.TensorInfo(shape, torch.uint8, type_name, int(tensor.n_bytes), stored_shape)
+                info = qcore.TensorInfo(
+                    shape, torch.uint8, type_name, int(tensor.n_bytes), stored_shape, offset
+                )
             self._infos[tensor.name] = info
         self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
 
@@ -127,6 +133,10 @@ class GGUFFormat(qcore.CheckpointFormat):
             value = data.view(info.dtype)
             return value.reshape((stop - start, *shape[1:]) if rows is not None else info.shape)
         return GGUFWeight(data.reshape(stop - start, *shape[1:]), info.quant_type)
+
+    def wrap(self, key: str, data: torch.Tensor) -> torch.Tensor:
+        quant_type = self._infos[key].quant_type
+        return data if quant_type is None else GGUFWeight(data, quant_type)
 
     def _pread(self, offset: int, nbytes: int, key: str) -> torch.Tensor:
         buffer = torch.empty(nbytes, dtype=torch.uint8)
