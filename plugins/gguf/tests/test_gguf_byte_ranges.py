@@ -80,3 +80,32 @@ def test_offsets_path_reads_the_same_bytes_as_the_format(tmp_path: Path, registe
             assert actual.quant_type == expected.quant_type, key
             seen.add(actual.quant_type)
     assert seen == types
+
+
+@pytest.mark.gpu
+def test_offsets_path_onto_cuda_equals_the_cpu_load(
+    tmp_path: Path, registered: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small pieces and few pinned slots: keys span several slots, and the ring is reused many times.
+    monkeypatch.setenv("QCORE_IO_PIECE_BYTES", "4096")
+    monkeypatch.setenv("QCORE_IO_SLOTS", "3")
+    path = write_bfl_flux_gguf(tmp_path / "q8.gguf", "Q8_0")
+    on_cpu = _load(path, CountingGGUF)
+    READS.clear()
+    qcore.register_format(CountingGGUF)
+    try:
+        model = qcore.from_pretrained(
+            FluxTransformer2DModel,
+            path,
+            quantization_config=GGUFConfig(),
+            torch_dtype=torch.bfloat16,
+            device_map="cuda",
+        )
+    finally:
+        qcore.unregister_format(CountingGGUF)
+    assert READS == []
+    on_gpu = model.state_dict()
+    for key, expected in on_cpu.items():
+        actual = on_gpu[key]
+        assert actual.device.type == "cuda" and type(actual) is type(expected), key
+        assert torch.equal(actual.cpu(), expected), key
