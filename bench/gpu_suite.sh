@@ -120,7 +120,7 @@ fi
 if has tests && [ "${BENCH_GPU_TESTS:-1}" = 1 ] && "$PY" -c "import pytest" 2>/dev/null; then
   # The gpu-marked tests (skipped without CUDA); load times and peak memory land in gpu-tests.xml.
   step "gpu tests"
-  "$PY" -m pytest -m gpu -q -p no:cacheprovider tests plugins/bnb/tests plugins/torchao/tests \
+  "$PY" -m pytest -m gpu -q -p no:cacheprovider tests plugins/bnb/tests plugins/torchao/tests plugins/gguf/tests \
     examples/qcore-int8/tests --junitxml "$OUT/gpu-tests.xml" || echo "gpu tests failed" >&2
 elif has tests; then
   step "gpu tests skipped (BENCH_GPU_TESTS=0 or pytest not importable)"
