@@ -244,6 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="CPU run on a tiny Flux (width 256)")
     p.add_argument("--make", type=Path, help="write Flux-dev-shaped GGUF files into this directory")
     p.add_argument("--types", nargs="+", default=["Q4_K", "Q8_0"])
+    p.add_argument(
+        "--layers",
+        nargs=2,
+        type=int,
+        default=[19, 38],
+        metavar=("DOUBLE", "SINGLE"),
+        help="blocks of --make files",
+    )
     p.add_argument("--run", type=Path, help="benchmark every .gguf file in this directory")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeat", type=int, default=1)
@@ -257,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         args.make.mkdir(parents=True, exist_ok=True)
         for quant_type in args.types:
             start = time.perf_counter()
-            path = make_file(args.make / f"flux-dev-{quant_type}.gguf", FLUX_DEV, quant_type)
+            config = {**FLUX_DEV, "num_layers": args.layers[0], "num_single_layers": args.layers[1]}
+            name = "flux-dev" if args.layers == [19, 38] else "flux-w3072-{}-{}".format(*args.layers)
+            path = make_file(args.make / f"{name}-{quant_type}.gguf", config, quant_type)
             print(
                 f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - start:.0f} s"
             )
