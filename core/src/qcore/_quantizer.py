@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._config import QuantizationConfig
+from ._helpers import get_module_for_param
 from ._noinit import no_init_on_meta
 
 if TYPE_CHECKING:
@@ -100,8 +101,7 @@ def replace_linear_layers(
     ]
     with init_empty_weights(), no_init_on_meta():
         for name, module in targets:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
+            parent, child = get_module_for_param(model, name)
             replacement = make_module(name, module)
             replacement.requires_grad_(False)
             setattr(parent, child, replacement)

@@ -166,8 +166,8 @@ class GGUFQuantizer(qcore.Quantizer):
         if param_value is None:
             raise qcore.MissingKeysError([param_name], "the checkpoint")
         weight = self._weight(param_name, param_value)
-        module_name, _, tensor_name = param_name.rpartition(".")
-        module = model.get_submodule(module_name)
+        module_name = qcore.split_param_name(param_name)[0]
+        module, tensor_name = qcore.get_module_for_param(model, param_name)
         if isinstance(module, GGUFLinear) and tensor_name == "weight":
             module._parameters["weight"] = weight.to(target_device)
             return
@@ -210,6 +210,6 @@ class GGUFQuantizer(qcore.Quantizer):
                 if module.bias is not None:
                     linear.bias = module.bias
             linear.requires_grad_(False)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, linear)
+            parent, child = qcore.get_module_for_param(model, name)
+            setattr(parent, child, linear)
         return model
