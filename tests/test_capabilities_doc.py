@@ -33,6 +33,7 @@ ROWS = [
         "plugins/torchao/tests/test_torchao_capabilities.py",
         "TestTorchAoFloat8WeightOnlyCapabilities",
     ),
+    ("qcore-gguf, Q8_0", "plugins/gguf/tests/test_gguf_capabilities.py", "TestGGUFQ8Capabilities"),
     ("qcore-int8 (example)", "examples/qcore-int8/tests/test_int8_capabilities.py", "TestInt8Capabilities"),
 ]
 
@@ -49,7 +50,7 @@ def _suite(path: str, name: str) -> type[BackendCapabilities]:
 def test_capability_matrix_matches_the_kit(tmp_path: Path) -> None:
     pytest.importorskip("peft")
     pytest.importorskip("diffusers")
-    for module in ("qcore_bnb", "qcore_torchao", "qcore_int8"):
+    for module in ("qcore_bnb", "qcore_torchao", "qcore_gguf", "qcore_int8"):
         pytest.importorskip(module)
     table = capability_matrix([(label, _suite(path, name)) for label, path, name in ROWS], tmp_path)
     text = DOC.read_text()
