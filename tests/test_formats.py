@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import qcore
 from qcore.testing import ConformanceModel
@@ -95,6 +95,31 @@ def test_single_file_without_config_asks_for_one(tmp_path: Path) -> None:
     assert info.value.option == "config"
     model = qcore.from_pretrained(ConformanceModel, tmp_path / "plain.safetensors", config={"depth": 2})
     assert model.config["depth"] == 2
+
+
+def test_single_bin_file_loads_like_its_directory(tmp_path: Path, converter: RenamedConverter) -> None:
+    torch.manual_seed(0)
+    reference = ConformanceModel()
+    qcore.save_pretrained(reference, tmp_path / "directory")
+    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(qcore.ConfigError, match="config="):
+        qcore.from_pretrained(ConformanceModel, tmp_path / "pytorch_model.bin")
+    model = qcore.from_pretrained(
+        ConformanceModel, tmp_path / "pytorch_model.bin", config=tmp_path / "directory"
+    )
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+    # A key converter applies as to a safetensors file: rows rearranged, config inferred from shapes.
+    state = _renamed_file(tmp_path / "renamed.safetensors")
+    torch.save(load_file(tmp_path / "renamed.safetensors"), tmp_path / "renamed.bin")
+    model = qcore.from_pretrained(ConformanceModel, tmp_path / "renamed.bin")
+    for key, value in state.items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+    (tmp_path / "garbage.bin").write_bytes(b"not a torch.save file")
+    with pytest.raises(qcore.CorruptCheckpointError, match="weights_only=True"):
+        qcore.from_pretrained(ConformanceModel, tmp_path / "garbage.bin", config={})
 
 
 def test_locate_checkpoint_takes_a_single_file(tmp_path: Path) -> None:

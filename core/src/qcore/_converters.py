@@ -30,7 +30,7 @@ from ._errors import (
     CorruptCheckpointError,
     QcoreError,
 )
-from ._formats import CheckpointFormat, SafetensorsFormat, TensorInfo, open_format
+from ._formats import BinFormat, CheckpointFormat, SafetensorsFormat, TensorInfo, open_format
 from ._pluginenv import autoload_disabled, plugin_allowed
 
 logger = logging.getLogger("qcore")
@@ -342,7 +342,7 @@ def open_checkpoint(
         implied = fmt.quantization_config()
         if implied is not None and "quantization_config" not in resolved:
             resolved = {**resolved, "quantization_config": implied}
-        if converter is None and isinstance(fmt, SafetensorsFormat):
+        if converter is None and isinstance(fmt, (SafetensorsFormat, BinFormat)):
             fmt.close()
             return resolved, CheckpointReader(files)
         mapping = converter.convert(tensors) if converter is not None else {k: [RowRange(k)] for k in tensors}

@@ -3,8 +3,8 @@
 A format plugin is a :class:`CheckpointFormat` subclass exposed under the entry name of the file suffix it
 reads (``gguf`` for ``*.gguf``). qcore imports it only when it meets such a file. A format says which
 ``quant_method`` its files imply, so a file whose backend is missing is refused with an install hint
-instead of being loaded dequantized or wrong. safetensors single files are read by the built-in
-:class:`SafetensorsFormat`.
+instead of being loaded dequantized or wrong. safetensors and ``.bin`` single files are read by the
+built-in :class:`SafetensorsFormat` and :class:`BinFormat`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._checkpoint import aligned, read_safetensors_header
+from ._checkpoint import aligned, load_bin_state, read_safetensors_header
 from ._errors import (
     BackendLoadError,
     BackendNotFoundError,
@@ -163,6 +163,31 @@ class SafetensorsFormat(CheckpointFormat):
         self._context.__exit__(None, None, None)
 
 
+class BinFormat(CheckpointFormat):
+    """Built-in: one ``.bin`` state dict read as a format (used for single-file loads), with the same
+    ``torch.load(weights_only=True)`` reader, memory-mapped, as a directory's ``.bin`` weights."""
+
+    suffixes = (".bin",)
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._state = load_bin_state(self.path)
+        self._infos = {
+            key: TensorInfo(tuple(t.shape), t.dtype, None, t.numel() * t.element_size())
+            for key, t in self._state.items()
+        }
+
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self._infos
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        tensor = self._state[key]
+        return aligned(tensor) if rows is None else tensor[rows[0] : rows[1]]
+
+    def close(self) -> None:
+        self._state = {}
+
+
 _registered: dict[str, type[CheckpointFormat]] = {}
 
 
@@ -203,6 +228,8 @@ def format_for(path: Path) -> type[CheckpointFormat]:
     suffix = path.suffix.lstrip(".").lower()
     if suffix == "safetensors":
         return SafetensorsFormat
+    if suffix == "bin":
+        return BinFormat
     if suffix in _registered:
         return _registered[suffix]
     implied, hint = _KNOWN_FORMATS.get(
