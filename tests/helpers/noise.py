@@ -11,6 +11,10 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1]
 CLI = "import sys; from qcore.cli import main; sys.exit(main())"
+CLI_WITH_INT8_TEST = (
+    "import sys, qcore; from helpers.int8_backend import BACKEND; qcore.register_backend(BACKEND); "
+    "from qcore.cli import main; sys.exit(main())"
+)
 
 
 def _environ() -> dict[str, str]:
@@ -53,13 +57,21 @@ def lines_with(text: str, needles: Iterable[str]) -> list[str]:
 
 
 def quantize_quiet_and_verbose(
-    source: Path, out: Path, *options: str
+    source: Path,
+    out: Path,
+    *options: str,
+    model: str | None = "helpers.models:TinyTransformer",
+    cli: str = CLI,
 ) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
-    """``qcore quantize`` of a TinyTransformer checkpoint, without and with ``-v``; both must succeed."""
-    model = ["--model", "helpers.models:TinyTransformer", *options]
+    """``qcore quantize`` of ``source``, without and with ``-v``; both must succeed.
+
+    ``model`` is the ``--model`` class (None: the diffusers class config.json names); ``cli`` the
+    program that runs the command (:data:`CLI_WITH_INT8_TEST` adds the in-test ``int8-test`` backend).
+    """
+    options = ("--model", model, *options) if model else options
     quiet, verbose = run_python_together(
-        ["-c", CLI, "quantize", str(source), str(out / "quiet"), *model],
-        ["-c", CLI, "-v", "quantize", str(source), str(out / "verbose"), *model],
+        ["-c", cli, "quantize", str(source), str(out / "quiet"), *options],
+        ["-c", cli, "-v", "quantize", str(source), str(out / "verbose"), *options],
     )
     assert quiet.returncode == 0 and verbose.returncode == 0, quiet.stderr + verbose.stderr
     return quiet, verbose

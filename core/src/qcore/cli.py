@@ -34,6 +34,7 @@ from . import __version__
 from ._checkpoint import CONFIG_NAME, locate_checkpoint, read_json
 from ._cli_inspect import survey
 from ._errors import ConfigError, QcoreError
+from ._helpers import reroute_log_messages
 from ._loading import from_pretrained
 from ._registry import available_backends, get_backend
 from ._saving import save_pretrained
@@ -225,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     previous_level = logger.level
     handler = _setup_logging(debug, getattr(args, "verbose", False))
+    _quiet_import_noise()
     try:
         return int(args.func(args))
     except UsageError as exc:
@@ -255,6 +257,29 @@ def _setup_logging(debug: bool, verbose: bool) -> logging.Handler:
     if logger.level == logging.NOTSET or logger.level > level:
         logger.setLevel(level)
     return handler
+
+
+# Warnings that libraries log while they import, about optional parts that qcore does not use: torchao's
+# C++ kernels that do not load here and torch's deprecation of how torchao registers its enums,
+# bitsandbytes' missing `kernels` package, diffusers' torchao tensor types for torch.load pickles (qcore
+# reads safetensors) that this torchao does not have.
+# Importing diffusers (to build SRC's model class) imports torchao and bitsandbytes whenever they are
+# installed, whatever --method is and before any backend could quiet them, so the command quiets them
+# itself: shown only with -v, under qcore's logger.
+_IMPORT_NOISE: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("torchao", (r"^Failed to load .*_C\w*\.\S*so\b", r"^Skipping import of cpp extensions")),
+    ("torch.utils._pytree", (r"is an Enum subclass and is now natively supported by torch\.compile",)),
+    ("bitsandbytes.backends.cpu.ops", (r"from kernels-community",)),
+    ("diffusers.quantizers.torchao.torchao_quantizer", (r"^Unable to import `torchao` Tensor objects",)),
+)
+
+
+def _quiet_import_noise() -> None:
+    # A logger of its own: a backend's reroute of the same library to its logger still installs (one
+    # per source and target), with whatever patterns it has beyond these.
+    target = logging.getLogger("qcore.cli")
+    for source, patterns in _IMPORT_NOISE:
+        reroute_log_messages(source, patterns, target, logging.INFO)
 
 
 class _EscapingFormatter(logging.Formatter):
