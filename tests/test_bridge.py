@@ -97,6 +97,21 @@ def test_unsupported_library_version_is_a_qcore_error(monkeypatch: pytest.Monkey
     assert "int8" not in diffusers_auto.AUTO_QUANTIZER_MAPPING  # nothing half-registered
 
 
+@pytest.mark.parametrize(
+    ("installed", "warned"), [("5.23.0", False), ("5.23.1.dev0", False), ("5.24.0", True), ("5.3.0", True)]
+)
+def test_untested_library_version_is_a_warning(
+    installed: str, warned: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from qcore import _bridge
+
+    monkeypatch.setattr(_bridge, "version", lambda name: installed)
+    with caplog.at_level("WARNING", logger="qcore"):
+        assert _bridge.check_library_version("transformers") == installed
+    assert (f"transformers {installed} is accepted but not tested" in caplog.text) is warned
+    assert ("tested with transformers 5.23" in caplog.text) is warned
+
+
 def test_unknown_library_is_a_config_error() -> None:
     with pytest.raises(qcore.ConfigError, match="libraries"):
         qcore.enable_bridge(libraries=["keras"])
@@ -123,6 +138,45 @@ def test_qcore_checkpoint_loads_through_plain_diffusers(bridge: Any, flux_dir: P
     assert model.hf_quantizer.pre_quantized
     assert model.transformer_blocks[0].attn.to_q.weight.dtype == torch.int8
     assert torch.equal(_flux_out(model), _flux_out(reference))
+
+
+def test_tensors_diffusers_hands_to_the_backend_are_aligned(
+    bridge: Any, flux_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """diffusers reads shards as memory-mapped views that start wherever the file puts a tensor; what the
+    bridge hands the backend (a shard's tensors and those read from other shards) is aligned all the same."""
+    from qcore import _bridge
+
+    saved = tmp_path / "int8"
+    qcore.save_pretrained(_qcore_int8(flux_dir), saved, max_shard_size=30_000)
+    unaligned = []
+    for shard in saved.glob("*.safetensors"):
+        raw = shard.read_bytes()
+        length = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + length])
+        header.pop("__metadata__", None)
+        unaligned += [key for key, entry in header.items() if (8 + length + entry["data_offsets"][0]) % 64]
+    assert unaligned
+    index = saved / "diffusion_pytorch_model.safetensors.index.json"
+    shard_of = json.loads(index.read_text())["weight_map"]
+    parted = [key for key in shard_of if key.endswith("_scale") and shard_of[key] != shard_of[key[:-6]]]
+    assert parted  # a group the bridge reads partly from another shard
+
+    starts: dict[str, int] = {}
+
+    class Alignment:
+        @qcore.hookimpl(tryfirst=True)
+        def create_quantized_param(self, state_dict: dict[str, torch.Tensor]) -> None:
+            starts.update({key: tensor.data_ptr() % 64 for key, tensor in state_dict.items()})
+
+    make_plugin_manager = _bridge.make_plugin_manager
+    monkeypatch.setattr(
+        _bridge, "make_plugin_manager", lambda quantizer: make_plugin_manager(quantizer, [Alignment()])
+    )
+    model = FluxTransformer2DModel.from_pretrained(saved)
+    assert model.hf_quantizer.pre_quantized
+    assert set(unaligned) & set(starts) and set(parted) <= set(starts)
+    assert set(starts.values()) == {0}
 
 
 def test_damaged_checkpoint_through_diffusers_is_the_backends_error(

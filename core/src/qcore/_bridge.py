@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ._checkpoint import read_safetensors_header
+from ._checkpoint import aligned, read_safetensors_header
 from ._config import QuantizationConfig
 from ._errors import (
     ConfigError,
@@ -42,10 +42,17 @@ from ._registry import Backend, available_backends, get_backend
 
 logger = logging.getLogger("qcore")
 
-#: The library versions whose loaders the bridge knows: (major, minor) prefixes.
+#: The library versions the bridge accepts, as release-number prefixes (diffusers 0.42.x, transformers 5.x).
 SUPPORTED_VERSIONS: dict[str, tuple[tuple[int, ...], ...]] = {
     "diffusers": ((0, 42),),
     "transformers": ((5,),),
+}
+
+#: The release each library's bridge is tested against; another accepted release loads with a warning,
+#: since the quantizer interface of a minor release can change without a major version.
+TESTED_VERSIONS: dict[str, tuple[int, ...]] = {
+    "diffusers": (0, 42),
+    "transformers": (5, 23),
 }
 
 # The names diffusers and transformers file a quant_method under, where they differ from it.
@@ -123,27 +130,43 @@ _ABSENT = object()
 _state: BridgeState | None = None
 
 
-def _version_tuple(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split("."):
-        digits = "".join(c for c in piece if c.isdigit())
-        if not digits or not piece[: len(digits)].isdigit():
-            break
-        parts.append(int(digits))
-    return tuple(parts)
+def _release(text: str) -> tuple[int, ...] | None:
+    """The release number of a version string (``"5.23.0.dev0"`` is 5.23.0); None if it does not parse."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(text).release
+    except InvalidVersion:
+        return None
+
+
+def _dotted(release: tuple[int, ...]) -> str:
+    return ".".join(map(str, release))
 
 
 def check_library_version(library: str) -> str:
-    """The installed version of ``library``; a :class:`qcore.QuantizerEnvironmentError` if unsupported."""
+    """The installed version of ``library``; a :class:`qcore.QuantizerEnvironmentError` if unsupported.
+
+    A supported version other than the tested one (:data:`TESTED_VERSIONS`) is logged as a warning.
+    """
     installed = version(library)
-    have = _version_tuple(installed)
-    supported = SUPPORTED_VERSIONS[library]
-    if not any(have[: len(prefix)] == prefix for prefix in supported):
-        wanted = " or ".join(".".join(map(str, p)) + ".x" for p in supported)
+    have = _release(installed)
+    supported, tested = SUPPORTED_VERSIONS[library], _dotted(TESTED_VERSIONS[library])
+    if have is None or not any(have[: len(prefix)] == prefix for prefix in supported):
+        wanted = " or ".join(_dotted(prefix) + ".x" for prefix in supported)
         raise QuantizerEnvironmentError(
-            f"qcore's bridge supports {library} {wanted}, but {library} {installed} is installed; its "
-            f"quantizer interface may differ. Install {library} {wanted}, or load with "
-            "qcore.from_pretrained instead of enabling the bridge"
+            f"qcore's bridge supports {library} {wanted} (tested with {library} {tested}), but {library} "
+            f"{installed} is installed; its quantizer interface may differ. Install {library} {tested}, or "
+            "load with qcore.from_pretrained instead of enabling the bridge"
+        )
+    if have[: len(TESTED_VERSIONS[library])] != TESTED_VERSIONS[library]:
+        logger.warning(
+            "bridge: %s %s is accepted but not tested; the bridge is tested with %s %s, and another "
+            "release's loader may call the quantizer differently",
+            library,
+            installed,
+            library,
+            tested,
         )
     return installed
 
@@ -189,8 +212,9 @@ def enable_bridge(
         quant_methods: the backends to serve (default: every backend qcore can load).
 
     Raises :class:`qcore.QuantizerEnvironmentError` for a library version the bridge does not know
-    (diffusers 0.42.x and transformers 5.x are supported). Calling it again replaces the previous
-    registration; :func:`disable_bridge` undoes it.
+    (diffusers 0.42.x and transformers 5.x are accepted; it is tested with diffusers 0.42 and
+    transformers 5.23, and another accepted release is logged as a warning). Calling it again replaces
+    the previous registration; :func:`disable_bridge` undoes it.
     """
     global _state
     wanted = (
@@ -388,6 +412,10 @@ class _QcoreDriver:
     ) -> bool:
         """Run the per-parameter hooks on one group; False when the backend leaves it to the library."""
         q, hooks = self.qcore, self.hooks
+        # diffusers, transformers and safe_open give memory-mapped views of safetensors files, which start
+        # wherever the file puts a tensor; CPU kernels such as torch._weight_int8pack_mm crash on data not
+        # aligned to 64 bytes.
+        tensors = {key: aligned(tensor) for key, tensor in tensors.items()}
         value = tensors.get(param_name)
         if not hooks.check_if_quantized_param(
             quantizer=q, model=model, param_name=param_name, param_value=value, state_dict=tensors
@@ -509,6 +537,7 @@ def diffusers_adapter_base() -> type:
             self._done: set[str] = set()
             self._claimed: set[str] = set()
             self._headers = _Headers()
+            self._last_single: tuple[str, torch.Tensor, torch.Tensor] | None = None
 
         # stage 2
         def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -642,8 +671,8 @@ def diffusers_adapter_base() -> type:
         ) -> bool:
             if self._grouped:
                 return False  # every quantized group was created in maybe_update_state_dict
-            value = state_dict.get(param_name, param_value)
-            return bool(
+            value = self._single_file_value(param_name, param_value, state_dict)
+            claimed = bool(
                 self.hooks.check_if_quantized_param(
                     quantizer=self.qcore,
                     model=model,
@@ -652,6 +681,9 @@ def diffusers_adapter_base() -> type:
                     state_dict={param_name: value},
                 )
             )
+            if not claimed:
+                self._last_single = None  # diffusers sets the tensor itself
+            return claimed
 
         def create_quantized_param(
             self,
@@ -666,14 +698,28 @@ def diffusers_adapter_base() -> type:
             if self._grouped:
                 return
             # from_single_file: one converted tensor at a time, each its own group.
-            value = state_dict.get(param_name, param_value)
+            value = self._single_file_value(param_name, param_value, state_dict)
+            self._last_single = None
             device = target_device if isinstance(target_device, torch.device) else torch.device(target_device)
             self._quantize_group(model, param_name, {param_name: value}, device, {})
+
+        def _single_file_value(
+            self, param_name: str, param_value: torch.Tensor, state_dict: Mapping[str, Any]
+        ) -> torch.Tensor:
+            """The tensor of ``param_name``, aligned; diffusers asks about a tensor before it hands it
+            over, and the aligned copy made for the question is the one the backend then receives."""
+            value = state_dict.get(param_name, param_value)
+            last = self._last_single
+            if last is not None and last[0] == param_name and last[1] is value:
+                return last[2]
+            self._last_single = (param_name, value, aligned(value))
+            return self._last_single[2]
 
         # stage 6
         def _process_model_after_weight_loading(
             self, model: torch.nn.Module, **kwargs: Any
         ) -> torch.nn.Module:
+            self._last_single = None
             self.hooks.postprocess_model(quantizer=self.qcore, model=model)
             # qcore.save_pretrained and qcore.dequantize work on the model as on one qcore loaded.
             attach_load_record(model, LoadRecord(self.qcore, self.hooks))
