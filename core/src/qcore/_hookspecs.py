@@ -233,10 +233,16 @@ def create_quantized_param(
     ``param_value`` is the tensor stored under ``param_name`` (``None`` if the group has none);
     ``state_dict`` holds every tensor of the group (e.g. ``weight.absmax``).
     The tensors are on ``target_device`` (CUDA targets) or the CPU, in their stored dtype (no
-    cast). CPU tensors are read-only views of the memory-mapped file, or copies where the view
-    would not start on a 64-byte boundary: every tensor is aligned to 64 bytes, so any kernel may
-    read it. A view keeps its mapping alive as long as it is referenced; do not write to it, and
-    copy (``.clone()``, ``.to()``, quantizing) what the module keeps. CUDA tensors are owned.
+    cast), and each starts on a 64-byte boundary, so any kernel may read it. In
+    :func:`qcore.from_pretrained`, a safetensors tensor read for the CPU is a buffer of its own that
+    ``os.preadv`` filled from the file (owned, writable, page-aligned), and a CUDA tensor is copied
+    through pinned staging buffers (owned); only a ``.bin`` entry may be a view of the memory-mapped
+    file, and it is copied where it would not start on a 64-byte boundary. Through qcore's bridge
+    the tensors are those diffusers or transformers read (or ``safetensors.safe_open`` reads, for a
+    group's parts in other shards and transformers' pre-quantized groups); they may be views of a
+    memory-mapped file, and the bridge copies each one that would not start on a 64-byte boundary.
+    A kept view keeps its file mapped, and a write to it may change the library's tensor: write
+    only to a copy (``.clone()``, ``.to()``, quantizing).
     Returns: nothing. No default: a backend that claims parameters must implement it.
     """
 
