@@ -167,3 +167,43 @@ def test_formats_are_not_imported_by_import_qcore() -> None:
     code = "import qcore, sys; print(sorted(m for m in ('gguf', 'qcore_gguf') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_tensors_a_format_reads_as_views_arrive_aligned(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    state = ConformanceModel().state_dict()
+    path = tmp_path / "weights.vfmt"
+    path.write_bytes(b"VFMT")
+
+    class ViewFormat(qcore.CheckpointFormat):
+        """Hands out views of one shared buffer that start 8 bytes past a 64-byte boundary."""
+
+        suffixes = (".vfmt",)
+
+        def __init__(self, path: Path) -> None:
+            super().__init__(path)
+            self.views: dict[str, torch.Tensor] = {}
+            pool = torch.empty(sum(v.numel() * 4 + 128 for v in state.values()), dtype=torch.uint8)
+            start = (-pool.data_ptr()) % 64 + 8
+            for key, value in state.items():
+                nbytes = value.numel() * 4
+                view = pool[start : start + nbytes].view(torch.float32).view(value.shape)
+                view.copy_(value)
+                self.views[key] = view
+                start += nbytes + (-(start + nbytes)) % 64 + 8
+
+        def tensors(self) -> dict[str, qcore.TensorInfo]:
+            return {k: qcore.TensorInfo(tuple(v.shape), torch.float32) for k, v in state.items()}
+
+        def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+            return self.views[key] if rows is None else self.views[key][rows[0] : rows[1]]
+
+    assert all(view.data_ptr() % 64 == 8 for view in ViewFormat(path).views.values())
+    qcore.register_format(ViewFormat)
+    try:
+        model = qcore.from_pretrained(ConformanceModel, path, config={})
+    finally:
+        qcore.unregister_format(ViewFormat)
+    for key, value in model.state_dict().items():
+        assert value.data_ptr() % 64 == 0, key
+        assert torch.equal(value, state[key]), key

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._checkpoint import CONFIG_NAME, CheckpointFiles, CheckpointReader, read_json
+from ._checkpoint import CONFIG_NAME, CheckpointFiles, CheckpointReader, aligned, read_json
 from ._checkpoint import TensorInfo as StoredTensorInfo
 from ._errors import (
     BackendLoadError,
@@ -238,7 +238,10 @@ class ConvertedReader:
                     f"{self.files.weight_files[0]}: tensor {part.key!r} cannot be read "
                     f"({type(exc).__name__}: {exc})"
                 ) from exc
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        # A plugin may hand out views of its own file mapping; a format's tensor subclass keeps its
+        # own layout (it has no single data pointer to align).
+        return aligned(tensor) if type(tensor) is torch.Tensor else tensor
 
     def byte_ranges(self, key: str) -> list[tuple[int, int]] | None:
         """``(file offset, nbytes)`` pieces whose concatenation is ``key``'s stored bytes (rows of whole
