@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 import qcore
 from helpers.int8_backend import BACKEND, Int8TestConfig, Int8TestQuantizer
-from helpers.models import TinyTransformer, flux_inputs, tiny_flux_config
+from helpers.models import TinyTransformer, flux_inputs, make_tiny, tiny_flux_config
 from qcore.cli import build_parser, main
 
 TESTS_DIR = Path(__file__).parent
@@ -298,6 +298,46 @@ def test_quantize_detects_diffusers_class(
     inputs = flux_inputs()
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs)[0], on_load(**inputs)[0])
+
+
+# --- quantize: the dtype of the parameters left unquantized --------------------------------------
+
+# --method -> (the backend's module, its --set options). Given no torch_dtype, bitsandbytes loads in
+# float16 and torchao in bfloat16; each runs on both sources, so each meets a source it would change.
+INSTALLED_BACKENDS = {
+    "bitsandbytes": ("qcore_bnb", ["--set", "load_in_4bit=true"]),
+    "torchao": ("qcore_torchao", ["--set", "quant_type=int8wo"]),
+}
+
+
+def _read_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in checkpoint.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            tensors.update({key: f.get_tensor(key) for key in f.keys()})
+    return tensors
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("method", list(INSTALLED_BACKENDS))
+def test_quantize_keeps_the_source_dtype_unless_told(method: str, dtype: torch.dtype, tmp_path: Path) -> None:
+    module, options = INSTALLED_BACKENDS[method]
+    pytest.importorskip(module)
+    src = tmp_path / "src"
+    qcore.save_pretrained(make_tiny(dtype=dtype), src)
+    assert main(quantize_argv(src, tmp_path / "default", *options, method=method)) == 0
+    told = [*options, "--torch-dtype", "float32"]
+    assert main(quantize_argv(src, tmp_path / "float32", *told, method=method)) == 0
+
+    source = _read_tensors(src)
+    for dst, expected in ((tmp_path / "default", dtype), (tmp_path / "float32", torch.float32)):
+        written = _read_tensors(dst)
+        # What the backend did not quantize keeps its key; the quantized weights are integers.
+        kept = {key: t.dtype for key, t in written.items() if key in source and t.dtype.is_floating_point}
+        assert {key for key in source if key.endswith(".bias")} <= set(kept)
+        assert set(kept.values()) == {expected}, (dst.name, kept)
+        config = json.loads((dst / "config.json").read_text())
+        assert config["quantization_config"]["quant_method"] == method
 
 
 # --- errors and exit codes ----------------------------------------------------------------------

@@ -31,11 +31,13 @@ from typing import Any
 import torch
 
 from . import __version__
-from ._checkpoint import CONFIG_NAME, locate_checkpoint, read_json
+from ._checkpoint import CONFIG_NAME, CheckpointFiles, locate_checkpoint, read_json
 from ._cli_inspect import survey
+from ._converters import open_checkpoint
 from ._errors import ConfigError, QcoreError
 from ._helpers import reroute_log_messages
-from ._loading import from_pretrained
+from ._loading import from_pretrained, summarize_checkpoint
+from ._model import family_of
 from ._registry import available_backends, get_backend
 from ._saving import save_pretrained
 
@@ -190,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--torch-dtype",
         metavar="DTYPE",
-        help="dtype of the parameters that stay unquantized, e.g. bfloat16 (default: SRC's dtype)",
+        help="dtype of the parameters that stay unquantized, e.g. bfloat16 (default: SRC's dtype, the "
+        "floating dtype most of its elements are stored in)",
     )
     p.add_argument(
         "--device-map",
@@ -507,6 +510,15 @@ def _detect_model_class(config: dict[str, Any], where: str) -> type:
     return cls
 
 
+def _source_dtype(model_cls: type, files: CheckpointFiles) -> torch.dtype | None:
+    """The dtype an unquantized load of SRC has: the model library's choice (transformers: config.json's
+    dtype), else the floating dtype most of SRC's elements are stored in, read from the headers."""
+    config, reader = open_checkpoint(model_cls, files)
+    with reader:
+        stored = summarize_checkpoint(reader).dtype
+    return family_of(model_cls).default_dtype(config, stored) or stored
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     settings = parse_settings(args.settings)
     torch_dtype = _torch_dtype(args.torch_dtype)
@@ -541,6 +553,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         )
     if model_cls is None:
         model_cls = _detect_model_class(src_config, files.location)
+    if torch_dtype is None:
+        # from_pretrained given no torch_dtype lets the backend choose, and backends choose as diffusers
+        # does (bitsandbytes float16, torchao bfloat16): the written checkpoint's unquantized parameters
+        # would silently change dtype.
+        torch_dtype = _source_dtype(model_cls, files)
+        if torch_dtype is not None:
+            logger.info("--torch-dtype not given: SRC's %s", str(torch_dtype).removeprefix("torch."))
 
     print(
         escaped(f"quantizing {files.location} ({model_cls.__name__}) with {args.method!r} -> {dst}"),
