@@ -323,3 +323,28 @@ def test_per_parameter_hooks_reach_every_plugin_through_pluggy(
     with safe_open(str(tiny_ckpt / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert sorted(seen) == sorted(f.keys())
     assert isinstance(model.blocks[0].attn, Int8Linear)  # the observer's None left the backend's answer
+
+
+def test_cyclic_gc_is_paused_during_a_load_and_restored_after(tiny_ckpt: Path) -> None:
+    import gc
+
+    seen: list[bool] = []
+
+    class Recording(TinyTransformer):
+        def __init__(self, **config: int) -> None:
+            seen.append(gc.isenabled())
+            super().__init__(**config)
+
+    assert gc.isenabled()
+    Recording.from_pretrained(tiny_ckpt)
+    assert seen == [False]
+    assert gc.isenabled()
+    with pytest.raises(qcore.QcoreError):
+        Recording.from_pretrained(tiny_ckpt, quantization_config={"quant_method": "no-such-backend"})
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        Recording.from_pretrained(tiny_ckpt)
+        assert not gc.isenabled()  # a caller who paused it keeps it paused
+    finally:
+        gc.enable()
