@@ -316,6 +316,35 @@ def test_bad_arguments_are_named(flux_dir: Path, tmp_path: Path) -> None:
         qcore.load_pipeline(diffusers.FluxPipeline, "no-such-user/no-such-pipeline", local_files_only=True)
 
 
+def test_dtype_alone_is_torch_dtype(tmp_path: Path) -> None:
+    # Saved in float32, so each component shows whether the bfloat16 asked for reached it.
+    tiny_flux_pipeline(tmp_path / "flux-fp32", dtype=torch.float32)
+
+    def load(**dtype: torch.dtype) -> Any:
+        return qcore.load_pipeline(
+            diffusers.FluxPipeline, tmp_path / "flux-fp32", quantization_config=int8wo(), **dtype
+        )
+
+    ours, theirs = load(dtype=torch.bfloat16), load(torch_dtype=torch.bfloat16)
+    for name, component in ours.components.items():
+        if isinstance(component, torch.nn.Module):
+            dtypes = {n: p.dtype for n, p in component.named_parameters()}
+            assert dtypes == {n: p.dtype for n, p in theirs.components[name].named_parameters()}, name
+            assert set(dtypes.values()) == {torch.bfloat16}, name
+    assert ours.transformer.is_quantized and ours.text_encoder_2.is_quantized
+    assert torch.equal(run_pipeline(ours), run_pipeline(theirs))
+
+
+def test_older_diffusers_is_a_clear_error(flux_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.modules["diffusers"], "__version__", "0.35.2")
+    with pytest.raises(
+        qcore.QuantizerEnvironmentError, match=r"diffusers 0\.35\.2 is too old.*'diffusers>=0\.42'"
+    ):
+        qcore.load_pipeline(diffusers.FluxPipeline, flux_dir, quantization_config=int8wo())
+    with pytest.raises(qcore.QuantizerEnvironmentError, match=r"diffusers 0\.35\.2 is too old"):
+        qcore.from_pretrained(diffusers.FluxTransformer2DModel, flux_dir, subfolder="transformer")
+
+
 def test_component_objects_are_used_as_given(flux_dir: Path) -> None:
     vae = diffusers.AutoencoderKL.from_pretrained(flux_dir / "vae", torch_dtype=torch.bfloat16)
     pipe = qcore.load_pipeline(

@@ -5,6 +5,7 @@ checkpoints transformers reloads."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,26 @@ def test_unquantized_load_equals_transformers(saved: dict[str, Path], name: str)
     assert torch.equal(output(ours), output(theirs))
     if name.endswith("T5EncoderModel"):
         assert ours.shared.weight is ours.encoder.embed_tokens.weight  # tied after loading
+
+
+@pytest.mark.parametrize("installed", ["4.56.0", "5.22.1"])
+def test_older_transformers_is_a_clear_error(
+    saved: dict[str, Path], installed: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # transformers 4 has no all_tied_weights_keys: T5's embeddings would load untied, without an error.
+    # Importing a model class can put a new module object in sys.modules; qcore reads that one.
+    installed_module = sys.modules["transformers"]
+    monkeypatch.setattr(installed_module, "__version__", installed)
+    for config in (None, TorchAoConfig(Int8WeightOnlyConfig())):
+        with pytest.raises(qcore.QuantizerEnvironmentError) as info:
+            qcore.from_pretrained(
+                transformers.T5EncoderModel, saved["T5EncoderModel"], quantization_config=config
+            )
+        message = str(info.value)
+        assert f"transformers {installed} is too old" in message and "'transformers>=5.23'" in message
+    monkeypatch.setattr(installed_module, "__version__", "5.23.0.dev0")  # a build of the tested release
+    model = qcore.from_pretrained(transformers.T5EncoderModel, saved["T5EncoderModel"])
+    assert model.shared.weight is model.encoder.embed_tokens.weight
 
 
 def transformers_bnb_selection(cls: type, config: Any, options: dict[str, Any]) -> list[str]:

@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from ._errors import ConfigError
+from ._errors import ConfigError, QuantizerEnvironmentError
+from ._helpers import version_at_least
 from ._renamed import RenamedReader
+
+#: The oldest diffusers and transformers whose models and pipelines qcore loads: the releases it is
+#: tested with, as in the ``pipelines`` extra of qcore's pyproject.toml. transformers 4 lacks the
+#: tied-weight and checkpoint-conversion interfaces of transformers 5 that qcore calls (its models
+#: would load with their tied weights left untied), and no older release has been tried.
+MINIMUM_VERSIONS: dict[str, str] = {"diffusers": "0.42", "transformers": "5.23"}
+
+
+def check_minimum_version(library: str) -> None:
+    """A :class:`qcore.QuantizerEnvironmentError` if the installed ``library`` is older than
+    :data:`MINIMUM_VERSIONS` allows."""
+    minimum = MINIMUM_VERSIONS[library]
+    installed = str(getattr(importlib.import_module(library), "__version__", "unknown"))
+    if not version_at_least(installed, minimum):
+        raise QuantizerEnvironmentError(
+            f"{library} {installed} is too old for qcore, which loads {library} models and pipelines with "
+            f"{library}>={minimum} (the release it is tested with): pip install -U '{library}>={minimum}' "
+            "(or pip install -U 'qcore[pipelines]')"
+        )
 
 
 def _is_diffusers_model(obj: Any) -> bool:
@@ -37,6 +58,8 @@ class ModelFamily:
     classes and ``qcore.ModelMixin``; diffusers and transformers models have their own family."""
 
     name = "torch"
+    # The library whose version must be at least MINIMUM_VERSIONS[library] (None: torch alone).
+    library: str | None = None
     # Whether the library's own save_pretrained refuses quantized models (qcore's replaces it).
     refuses_quantized_saves = False
     weights_name = "diffusion_pytorch_model.safetensors"
@@ -86,6 +109,7 @@ class ModelFamily:
 
 class DiffusersFamily(ModelFamily):
     name = "diffusers"
+    library = "diffusers"
     refuses_quantized_saves = True
 
     def build(self, model_cls: type[torch.nn.Module], config: Mapping[str, Any]) -> torch.nn.Module:
@@ -105,6 +129,7 @@ class TransformersFamily(ModelFamily):
     rule (``_keep_in_fp32_modules`` in float16 loads, ``_keep_in_fp32_modules_strict`` in 16-bit loads)."""
 
     name = "transformers"
+    library = "transformers"
     refuses_quantized_saves = True
     weights_name = "model.safetensors"
     bin_weights_name = "pytorch_model.bin"
@@ -203,12 +228,16 @@ _PLAIN = ModelFamily()
 
 
 def family_of(obj: Any) -> ModelFamily:
-    """The family of a model class or instance."""
+    """The family of a model class or instance; a :class:`qcore.QuantizerEnvironmentError` if its
+    library is older than qcore supports."""
+    family: ModelFamily = _PLAIN
     if _is_diffusers_model(obj):
-        return _FAMILIES[0]
-    if _is_transformers_model(obj):
-        return _FAMILIES[1]
-    return _PLAIN
+        family = _FAMILIES[0]
+    elif _is_transformers_model(obj):
+        family = _FAMILIES[1]
+    if family.library is not None:
+        check_minimum_version(family.library)
+    return family
 
 
 def make_model(model_cls: type[torch.nn.Module], config: Mapping[str, Any]) -> torch.nn.Module:

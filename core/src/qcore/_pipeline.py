@@ -17,7 +17,6 @@ import importlib
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,9 +27,8 @@ from ._checkpoint import read_json
 from ._config import QuantizationConfig
 from ._devices import single_device
 from ._errors import CheckpointNotFoundError, ConfigError, DtypeCastError
-from ._helpers import version_at_least
 from ._loading import from_pretrained
-from ._model import family_of
+from ._model import check_minimum_version, family_of
 from ._saving import superseded_weight_files
 
 logger = logging.getLogger("qcore")
@@ -72,7 +70,11 @@ def load_pipeline(
     ``PipelineQuantizationConfig`` (its names are checked too). Components already
     quantized on disk load quantized without any config. Other keyword arguments go to the pipeline
     class's ``from_pretrained`` (for example a component object to use as is).
+
+    Raises :class:`qcore.QuantizerEnvironmentError` for a diffusers or transformers older than qcore
+    supports (diffusers 0.42, transformers 5.23).
     """
+    check_minimum_version("diffusers")
     if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
         raise ConfigError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one", option="dtype")
     dtype = dtype or torch_dtype
@@ -114,8 +116,7 @@ def load_pipeline(
         )
     options: dict[str, Any] = dict(pipeline_kwargs)
     if dtype is not None:
-        # diffusers 0.42 renamed torch_dtype to dtype (the old name still works, with a warning).
-        options["dtype" if version_at_least(version("diffusers"), "0.42") else "torch_dtype"] = dtype
+        options["dtype"] = dtype
     device = _device(device_map)
     # diffusers places a pipeline on "cpu" or on the default accelerator by name only ("cuda", not
     # "cuda:1"); on another accelerator it loads on the CPU and qcore moves its components after.
