@@ -3,7 +3,10 @@ oversized configs, calibration-only backends, what the hooks receive, and the lo
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ from safetensors import safe_open
 import qcore
 from helpers.int8_backend import Int8Linear, Int8TestConfig, Int8TestQuantizer
 from helpers.models import TinyTransformer, flux_inputs, tiny_flux_config
+from qcore._arguments import DIFFUSERS_ONLY_OPTIONS
 from qcore.testing import LOAD_ORDER, HookRecorder
 
 
@@ -99,13 +103,67 @@ def test_diffusers_keywords_at_their_defaults_are_accepted(tiny_ckpt: Path) -> N
         ("disable_mmap", True),
         ("ignore_mismatched_sizes", True),
         ("use_flashpack", True),
+        ("flashpack_kwargs", {"num_streams": 4}),
         ("parallel_config", object()),
+        ("mirror", "https://hf-mirror.com"),
     ],
 )
 def test_unsupported_diffusers_keywords_name_themselves(tiny_ckpt: Path, name: str, value: Any) -> None:
     with pytest.raises(qcore.ConfigError, match=f"{name}=.* is not supported by qcore: ") as info:
         TinyTransformer.from_pretrained(tiny_ckpt, **{name: value})
     assert info.value.option == name
+
+
+@pytest.mark.parametrize("value", [None, False, True])
+def test_offload_state_dict_is_accepted_with_any_value(tiny_ckpt: Path, value: bool | None) -> None:
+    model = TinyTransformer.from_pretrained(tiny_ckpt, offload_state_dict=value)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def diffusers_popped_keywords() -> dict[str, ast.expr | None]:
+    """The keywords diffusers' ModelMixin.from_pretrained takes out of its ``**kwargs``, with the source
+    expression of each one's default."""
+    diffusers = pytest.importorskip("diffusers")
+    source = textwrap.dedent(inspect.getsource(diffusers.ModelMixin.from_pretrained))
+    found: dict[str, ast.expr | None] = {}
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("pop", "get")
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "kwargs"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
+            found[node.args[0].value] = node.args[1] if len(node.args) > 1 else None
+    return found
+
+
+def test_every_diffusers_keyword_is_taken_or_named() -> None:
+    popped = diffusers_popped_keywords()
+    assert {"dtype", "torch_dtype", "device_map", "variant", "quantization_config"} <= set(popped)
+    ours = set(inspect.signature(qcore.from_pretrained).parameters) - {"model_cls", "diffusers_options"}
+    unknown = sorted(set(popped) - ours - set(DIFFUSERS_ONLY_OPTIONS))
+    assert not unknown, (
+        f"diffusers' from_pretrained takes {unknown}, which qcore.from_pretrained neither implements nor "
+        "lists in DIFFUSERS_ONLY_OPTIONS (and docs/user-guide.md)"
+    )
+    assert not set(DIFFUSERS_ONLY_OPTIONS) & ours
+
+
+def test_every_diffusers_keyword_at_its_diffusers_default_loads(tiny_ckpt: Path) -> None:
+    defaults = {}
+    for name, expression in diffusers_popped_keywords().items():
+        try:
+            defaults[name] = ast.literal_eval(expression) if expression is not None else None
+        except ValueError:
+            continue  # a module constant, e.g. low_cpu_mem_usage's
+    defaults.pop("subfolder")  # the checkpoint is at the top of tiny_ckpt
+    model = TinyTransformer.from_pretrained(tiny_ckpt, **defaults)
+    plain = TinyTransformer.from_pretrained(tiny_ckpt)
+    ours, theirs = model.state_dict(), plain.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_unknown_keyword_is_a_config_error_naming_it(tiny_ckpt: Path) -> None:
