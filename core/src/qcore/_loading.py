@@ -30,6 +30,7 @@ from ._arguments import check_diffusers_options, one_dtype
 from ._bridge import config_dict_from_foreign, is_foreign_config
 from ._checkpoint import CheckpointFiles, CheckpointReader, check_value_dtype, locate_checkpoint
 from ._config import QuantizationConfig, merge_quantization_configs
+from ._configfields import config_faults, differently_typed, size_faults
 from ._converters import open_checkpoint
 from ._devices import check_devices_exist, resolve_device_map, target_device
 from ._errors import (
@@ -339,23 +340,52 @@ def build_skeleton(
 ) -> M:
     from accelerate import init_empty_weights
 
-    with init_empty_weights(), no_init_on_meta(), _skeleton_budget(checkpoint, config_path):
-        try:
+    try:
+        with init_empty_weights(), no_init_on_meta(), _skeleton_budget(checkpoint, config_path):
             return make_model(model_cls, config)  # type: ignore[return-value]
-        except QcoreError:
-            raise
-        except (TypeError, ValueError, RuntimeError, MemoryError, OverflowError) as exc:
+    except _SkeletonTooLarge as exc:
+        faults = config_faults(model_cls, config, max_size=_max_skeleton_elements(checkpoint))
+        if not faults:
+            raise CorruptCheckpointError(f"{exc}; the config does not belong to these weights") from exc
+        raise CorruptCheckpointError(f"{exc}: {_correct(faults, config_path)}") from exc
+    except QcoreError:
+        raise
+    except (TypeError, ValueError, RuntimeError, MemoryError, OverflowError) as exc:
+        faults = config_faults(model_cls, config, max_size=_max_skeleton_elements(checkpoint))
+        faults = faults or differently_typed(model_cls, config)
+        if not faults:
             raise CorruptCheckpointError(
                 f"{config_path}: cannot build {model_cls.__name__} from this config "
                 f"({type(exc).__name__}: {exc}); the config does not belong to this model class"
             ) from exc
+        raise CorruptCheckpointError(
+            f"{config_path}: cannot build {model_cls.__name__} from this config: {'; '.join(faults)} "
+            f"({type(exc).__name__}: {exc}). {_correct([], config_path)}"
+        ) from exc
+
+
+def _correct(faults: Sequence[str], config_path: Path) -> str:
+    """What to do about ``faults`` (descriptions of config fields): correct them."""
+    shown = f"{'; '.join(faults)}. " if faults else ""
+    return (
+        f"{shown}Correct {config_path.name} (compare it with the config the model's publisher gives), "
+        "or load the weights with the model class and config they were saved with"
+    )
+
+
+class _SkeletonTooLarge(CorruptCheckpointError):
+    pass
+
+
+def _max_skeleton_elements(checkpoint: CheckpointSummary) -> int:
+    return ELEMENTS_PER_CHECKPOINT_BYTE * checkpoint.nbytes + SKELETON_SLACK
 
 
 @contextlib.contextmanager
 def _skeleton_budget(checkpoint: CheckpointSummary, config_path: Path) -> Iterator[None]:
     """Stop building a skeleton far larger than the checkpoint's weights (a config that does not
     belong to them, or a hostile one: ``num_layers=10**7`` would otherwise build for minutes)."""
-    max_elements = ELEMENTS_PER_CHECKPOINT_BYTE * checkpoint.nbytes + SKELETON_SLACK
+    max_elements = _max_skeleton_elements(checkpoint)
     max_parameters = PARAMETERS_PER_CHECKPOINT_TENSOR * len(checkpoint.tensors) + 1024
     seen = {"parameters": 0, "elements": 0}
     register = (
@@ -369,11 +399,10 @@ def _skeleton_budget(checkpoint: CheckpointSummary, config_path: Path) -> Iterat
         seen["parameters"] += 1
         seen["elements"] += param.numel()
         if seen["parameters"] > max_parameters or seen["elements"] > max_elements:
-            raise CorruptCheckpointError(
+            raise _SkeletonTooLarge(
                 f"{config_path}: the config describes a model larger than its checkpoint can fill (more "
                 f"than {seen['parameters']:,} parameters / {seen['elements']:,} elements for "
-                f"{len(checkpoint.tensors):,} tensors of {checkpoint.nbytes:,} bytes); the config does "
-                "not belong to these weights"
+                f"{len(checkpoint.tensors):,} tensors of {checkpoint.nbytes:,} bytes)"
             )
 
     torch.nn.Module.register_parameter = counting_register  # type: ignore[method-assign]
@@ -438,8 +467,52 @@ class _Load:
     def where(self) -> str:
         return self.reader.files.location
 
+    @property
+    def weights(self) -> str:
+        """Where a key the model needs should be: the index of a sharded checkpoint (it lists every
+        key), else its one weight file."""
+        files = self.reader.files
+        if files.index_path is not None:
+            return str(files.index_path)
+        return str(files.weight_files[0]) if len(files.weight_files) == 1 else files.location
+
+    def files_of(self, keys: Iterable[str]) -> str:
+        """The files holding ``keys`` (those of them the checkpoint has)."""
+        key_file = self.reader.key_file
+        paths = sorted({str(key_file[key]) for key in keys if key in key_file})
+        return ", ".join(paths) if paths else self.weights
+
 
 def load_weights(
+    model: torch.nn.Module,
+    reader: CheckpointReader,
+    quant: Quantization,
+    torch_dtype: torch.dtype | None,
+    device_map: Mapping[str, torch.device],
+    keep_fp32: Sequence[str],
+) -> None:
+    try:
+        _load_weights(model, reader, quant, torch_dtype, device_map, keep_fp32)
+    except (MissingKeysError, UnexpectedKeysError, ShapeMismatchError) as exc:
+        blame_config_sizes(exc, model, reader.files.config_source)
+        raise
+
+
+def blame_config_sizes(exc: QcoreError, model: torch.nn.Module, config_path: Path) -> None:
+    """Name the config fields behind a model that does not fit its weights, where a size or count in
+    the config is zero or negative (``depth=0`` builds no blocks, so every block's key is unexpected)."""
+    try:
+        config = family_of(model).config_dict(model)
+    except Exception:  # a diagnosis: the error being raised matters more
+        return
+    faults = size_faults(type(model), config)
+    if faults and len(exc.args) == 1:
+        exc.args = (
+            f"{str(exc).rstrip('.')}. {config_path} may be at fault: {_correct(faults, config_path)}",
+        )
+
+
+def _load_weights(
     model: torch.nn.Module,
     reader: CheckpointReader,
     quant: Quantization,
@@ -467,18 +540,29 @@ def load_weights(
 def group_keys(load: _Load) -> dict[str, list[str]]:
     """The backend's (or the default one-key) groups, checked against the model and the files."""
     reader, quant = load.reader, load.quant
-    groups = quant.hooks.group_checkpoint_keys(
-        quantizer=quant.quantizer, model=load.model, checkpoint_keys=reader.keys, metadata=reader.metadata
-    )
+    try:
+        groups = quant.hooks.group_checkpoint_keys(
+            quantizer=quant.quantizer, model=load.model, checkpoint_keys=reader.keys, metadata=reader.metadata
+        )
+    except QcoreError as exc:  # a backend reading the files' metadata knows no file names
+        name_paths(exc, metadata_files(reader))
+        raise
     grouped = {key for keys in groups.values() for key in keys}
     unexpected = [name for name in groups if name not in load.expected]
     unexpected += [key for key in reader.keys if key not in grouped]
     if unexpected:
-        raise UnexpectedKeysError(unexpected, load.where)
+        raise UnexpectedKeysError(unexpected, load.files_of(unexpected))
     absent = [key for keys in groups.values() for key in keys if key not in reader.key_file]
     if absent:
-        raise MissingKeysError(absent, load.where)
+        raise MissingKeysError(absent, load.weights)
     return groups
+
+
+def metadata_files(reader: CheckpointReader) -> list[str]:
+    """The weight files whose safetensors metadata a backend read: those with any, else all."""
+    headers = getattr(reader, "headers", None) or {}
+    with_metadata = [path for path, header in headers.items() if header.metadata]
+    return [str(path) for path in with_metadata or reader.files.weight_files]
 
 
 def load_group(load: _Load, param_name: str, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
@@ -535,10 +619,15 @@ def create_quantized(
 def name_the_files(exc: QcoreError, reader: CheckpointReader, keys: Iterable[str]) -> None:
     """Put the files of ``keys`` in front of a backend's error that names none of them: backends know the
     tensor at fault, only the loader knows the file it came from."""
-    paths = sorted({str(reader.key_file[key]) for key in keys if key in reader.key_file})
+    name_paths(exc, sorted({str(reader.key_file[key]) for key in keys if key in reader.key_file}))
+
+
+def name_paths(exc: QcoreError, paths: Sequence[str]) -> None:
     message = str(exc)
     plain = len(exc.args) == 1 and exc.args[0] == message  # errors that format their own text are left
     if paths and plain and not any(Path(path).name in message for path in paths):
+        # Backends say "the checkpoint" where they cannot name the file: the file replaces it.
+        message = message.removeprefix("the checkpoint: ")
         exc.args = (f"{', '.join(paths)}: {message}",)
 
 
@@ -562,7 +651,7 @@ def set_plain(load: _Load, param_name: str, value: torch.Tensor | None, device: 
     from accelerate.utils import set_module_tensor_to_device
 
     if value is None:
-        raise MissingKeysError([param_name], load.where)
+        raise MissingKeysError([param_name], load.weights)
     current = load.expected[param_name]
     if value.shape != current.shape:
         raise ShapeMismatchError(
@@ -595,7 +684,7 @@ def check_missing(load: _Load, missing: list[str]) -> None:
         quantizer=quant.quantizer, model=load.model, missing_keys=missing, prefix=""
     )
     if missing:
-        raise MissingKeysError(missing, load.where)
+        raise MissingKeysError(missing, load.weights)
 
 
 def _load_dtype(
