@@ -216,7 +216,8 @@ def loadability(quant_config: Any) -> Loadability:
             else (install_command(method) if method else None),
         )
     except ConfigError as exc:
-        return Loadability(False, problem=f"config.json: invalid quantization_config: {exc}")
+        problem = str(exc).removeprefix("config.json: ")
+        return Loadability(False, problem=f"config.json: invalid quantization_config: {problem}")
     cls = backend.config_class
     return Loadability(
         True,

@@ -275,18 +275,30 @@ def resolve_config(
             )
         return config, backend
     if isinstance(config, Mapping):
-        quant_method = quant_method_of(config)
-        if not quant_method:
-            raise ConfigError(
-                f"quantization_config {dict(config)!r} has no 'quant_method'", option="quant_method"
-            )
-        backend = get_backend(str(quant_method))
-        data = {k: v for k, v in config.items() if k != "quant_method"}
-        data["quant_method"] = quant_method
-        if checkpoint is not None:
-            return backend.config_class.from_checkpoint_dict(data, checkpoint), backend
-        return backend.config_class.from_user_dict(data), backend
+        if checkpoint is None:
+            return _resolve_dict(config, None)
+        try:
+            return _resolve_dict(config, checkpoint)
+        except (BackendNotFoundError, ConfigError) as exc:
+            # The checkpoint's config.json is at fault (or names a backend to install): say which one.
+            if len(exc.args) == 1 and not str(exc).startswith(checkpoint):
+                exc.args = (f"{checkpoint}: {exc}",)
+            raise
     raise ConfigError(
         f"quantization_config must be a qcore.QuantizationConfig or a dict, not {type(config).__name__}",
         option="quantization_config",
     )
+
+
+def _resolve_dict(config: Mapping[str, Any], checkpoint: str | None) -> tuple[QuantizationConfig, Backend]:
+    quant_method = quant_method_of(config)
+    if not quant_method:
+        raise ConfigError(
+            f"quantization_config {dict(config)!r} has no 'quant_method'", option="quant_method"
+        )
+    backend = get_backend(str(quant_method))
+    data = {k: v for k, v in config.items() if k != "quant_method"}
+    data["quant_method"] = quant_method
+    if checkpoint is not None:
+        return backend.config_class.from_checkpoint_dict(data, checkpoint), backend
+    return backend.config_class.from_user_dict(data), backend
