@@ -15,7 +15,7 @@ import json
 import math
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -141,6 +141,18 @@ def _default(field: _Field) -> str:
     return "" if field.default is _EMPTY else f", default {_json(field.default)}"
 
 
+def _fields(
+    model_cls: type[torch.nn.Module], config: Mapping[str, Any]
+) -> Iterator[tuple[str, Any, _Field | None, _Signature]]:
+    """Each field of ``config`` with the constructor argument it fills (``None`` where there is none);
+    nothing when the class's signature cannot be read."""
+    signature = _signature(model_cls)
+    if signature is None:
+        return
+    for name, value in init_config(config).items():
+        yield name, value, signature.fields.get(name), signature
+
+
 @_diagnosis
 def config_faults(
     model_cls: type[torch.nn.Module], config: Mapping[str, Any], *, max_size: int | None = None
@@ -149,12 +161,8 @@ def config_faults(
     type its annotation (or default) excludes, a non-finite number, a non-positive value where the
     default is a positive integer (a size or count), an integer above ``max_size``, a field the
     constructor has no argument for."""
-    signature = _signature(model_cls)
-    if signature is None:
-        return []
     faults = []
-    for name, value in init_config(config).items():
-        field = signature.fields.get(name)
+    for name, value, field, signature in _fields(model_cls, config):
         if field is None:
             if not signature.takes_any_field:
                 faults.append(f"{name!r} is not an argument of {signature.owner}")
@@ -189,12 +197,8 @@ def _size_faults(field: _Field, value: Any, owner: str, max_size: int | None) ->
 def size_faults(model_cls: type[torch.nn.Module], config: Mapping[str, Any]) -> list[str]:
     """The integer fields of ``config`` that are zero or negative where the class's default is a positive
     integer: a model built from them has parts missing or empty, so its weights do not fit it."""
-    signature = _signature(model_cls)
-    if signature is None:
-        return []
     faults = []
-    for name, value in init_config(config).items():
-        field = signature.fields.get(name)
+    for _, value, field, signature in _fields(model_cls, config):
         if field is not None:
             faults += _size_faults(field, value, signature.owner, None)
     return faults
@@ -204,12 +208,8 @@ def size_faults(model_cls: type[torch.nn.Module], config: Mapping[str, Any]) -> 
 def differently_typed(model_cls: type[torch.nn.Module], config: Mapping[str, Any]) -> list[str]:
     """The fields of ``config`` whose JSON type differs from their default's (a list for a tuple
     counts as the same): the suspects when no field is plainly wrong."""
-    signature = _signature(model_cls)
-    if signature is None:
-        return []
     faults = []
-    for name, value in init_config(config).items():
-        field = signature.fields.get(name)
+    for name, value, field, signature in _fields(model_cls, config):
         if field is None or field.default is _EMPTY or field.default is None:
             continue
         sequences = (list, tuple)
