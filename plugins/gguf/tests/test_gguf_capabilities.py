@@ -21,22 +21,7 @@ from qcore.testing import BackendCapabilities
 qcore_gguf = pytest.importorskip(
     "qcore_gguf", reason="qcore-gguf is not installed (pip install ./plugins/gguf)"
 )
-from qcore_gguf.testing import write_gguf  # noqa: E402
-
-
-def gguf_of(checkpoint: Path, quant_type: str = "Q8_0") -> Path:
-    """The GGUF quantization of a qcore/diffusers checkpoint directory (written once, beside it)."""
-    from safetensors.torch import load_file
-
-    path = checkpoint.parent / f"{checkpoint.name}-{quant_type}.gguf"
-    if not path.exists():
-        tensors = {}
-        for file in sorted(checkpoint.glob("*.safetensors")):
-            for key, value in load_file(file).items():
-                quantize = value.dim() == 2 and value.shape[-1] % 32 == 0
-                tensors[key] = (value.float().numpy(), quant_type if quantize else "F32")
-        write_gguf(path, tensors, architecture="qcore")
-    return path
+from qcore_gguf.testing import write_checkpoint_as_gguf  # noqa: E402
 
 
 class TestGGUFQ8Capabilities(BackendCapabilities):
@@ -48,5 +33,5 @@ class TestGGUFQ8Capabilities(BackendCapabilities):
         reference = Path(path)
         if kwargs.get("quantization_config") is not None and (reference / "config.json").is_file():
             kwargs.setdefault("config", reference)
-            path = gguf_of(reference)
+            path = write_checkpoint_as_gguf(reference)
         return super().load(path, **kwargs)

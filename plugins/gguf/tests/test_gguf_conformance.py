@@ -17,23 +17,7 @@ from torch import nn
 import qcore
 from qcore.testing import BackendConformance
 from qcore_gguf import GGUFConfig, GGUFLinear, GGUFWeight
-from qcore_gguf.testing import write_gguf
-
-
-def gguf_of(checkpoint: Path, quant_type: str = "Q8_0") -> Path:
-    """The GGUF quantization of a qcore/diffusers checkpoint directory (written once, beside it)."""
-    from safetensors.torch import load_file
-
-    path = checkpoint.parent / f"{checkpoint.name}-{quant_type}.gguf"
-    if not path.exists():
-        tensors = {}
-        for file in sorted(checkpoint.glob("*.safetensors")):
-            for key, value in load_file(file).items():
-                array = value.float().numpy()
-                quantize = value.dim() == 2 and value.shape[-1] % 32 == 0
-                tensors[key] = (array, quant_type if quantize else "F32")
-        write_gguf(path, tensors, architecture="qcore")
-    return path
+from qcore_gguf.testing import write_checkpoint_as_gguf
 
 
 class TestGGUFConformance(BackendConformance):
@@ -48,7 +32,7 @@ class TestGGUFConformance(BackendConformance):
         if kwargs.get("quantization_config") is not None and (reference / "config.json").is_file():
             if "quantized" not in reference.name:
                 kwargs.setdefault("config", reference)
-                path = gguf_of(reference)
+                path = write_checkpoint_as_gguf(reference)
         return super().load(path, **kwargs)
 
     def count_parameters(self, model: nn.Module) -> int:

@@ -192,6 +192,27 @@ TINY_FLUX = {
 }
 
 
+def write_checkpoint_as_gguf(checkpoint: str | os.PathLike[str], quant_type: str = "Q8_0") -> Path:
+    """The GGUF quantization of a safetensors checkpoint directory, written once beside it.
+
+    Matrices whose rows are whole 32-element blocks are encoded as ``quant_type``, everything else as
+    F32; the keys stay the checkpoint's. Serves the conformance kit's quantize-on-load loads, which a
+    GGUF backend cannot do itself (``config=`` the directory gives the model's config).
+    """
+    from safetensors.torch import load_file
+
+    checkpoint = Path(checkpoint)
+    path = checkpoint.parent / f"{checkpoint.name}-{quant_type}.gguf"
+    if not path.exists():
+        tensors = {}
+        for file in sorted(checkpoint.glob("*.safetensors")):
+            for key, value in load_file(file).items():
+                quantize = value.dim() == 2 and value.shape[-1] % 32 == 0
+                tensors[key] = (value.float().numpy(), quant_type if quantize else "F32")
+        write_gguf(path, tensors, architecture="qcore")
+    return path
+
+
 def bfl_flux_shapes(config: Mapping[str, Any] = TINY_FLUX) -> dict[str, tuple[int, ...]]:
     """Black Forest Labs' tensor names and shapes of a Flux transformer with this diffusers config."""
     h = config["num_attention_heads"] * config["attention_head_dim"]
