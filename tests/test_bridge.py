@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import qcore
+from helpers.fixtures import unaligned_tensors
 from helpers.models import flux_inputs, tiny_flux_config, tiny_llama_config
 
 diffusers = pytest.importorskip("diffusers")
@@ -142,13 +143,7 @@ def test_tensors_diffusers_hands_to_the_backend_are_aligned(
 
     saved = tmp_path / "int8"
     qcore.save_pretrained(_qcore_int8(flux_dir), saved, max_shard_size=30_000)
-    unaligned = []
-    for shard in saved.glob("*.safetensors"):
-        raw = shard.read_bytes()
-        length = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8 : 8 + length])
-        header.pop("__metadata__", None)
-        unaligned += [key for key, entry in header.items() if (8 + length + entry["data_offsets"][0]) % 64]
+    unaligned = unaligned_tensors(saved)
     assert unaligned
     index = saved / "diffusion_pytorch_model.safetensors.index.json"
     shard_of = json.loads(index.read_text())["weight_map"]

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 import qcore
+from helpers.fixtures import unaligned_tensors
 from helpers.int8_backend import Int8Linear, Int8TestConfig, Int8TestQuantizer
 from helpers.models import TinyTransformer, flux_inputs, tiny_flux_config
 from qcore._arguments import DIFFUSERS_ONLY_OPTIONS
@@ -355,13 +356,7 @@ def test_tensors_handed_to_create_quantized_param_are_aligned(
     quantized = TinyTransformer.from_pretrained(tiny_ckpt, quantization_config=Int8TestConfig())
     qcore.save_pretrained(quantized, saved, max_shard_size="8KB")
     # The files put some tensors at offsets that are not multiples of 64 (so a view would be unaligned).
-    unaligned = []
-    for shard in saved.glob("*.safetensors"):
-        raw = shard.read_bytes()
-        length = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8 : 8 + length])
-        header.pop("__metadata__", None)
-        unaligned += [key for key, entry in header.items() if (8 + length + entry["data_offsets"][0]) % 64]
+    unaligned = unaligned_tensors(saved)
     assert unaligned
 
     starts: dict[str, int] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,3 +57,16 @@ def tiny_ckpt(tmp_path: Path, tiny_model: TinyTransformer) -> Path:
 @pytest.fixture
 def tiny_input() -> torch.Tensor:
     return torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+
+
+def unaligned_tensors(checkpoint: Path) -> list[str]:
+    """The keys of ``checkpoint``'s safetensors files whose data does not start on a 64-byte boundary of
+    the file (a memory-mapped view of them would be unaligned)."""
+    unaligned = []
+    for shard in checkpoint.glob("*.safetensors"):
+        raw = shard.read_bytes()
+        length = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + length])
+        header.pop("__metadata__", None)
+        unaligned += [key for key, entry in header.items() if (8 + length + entry["data_offsets"][0]) % 64]
+    return unaligned
