@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +93,7 @@ SAFETENSORS_DTYPES: dict[str, SafetensorsDtype] = {
 
 
 @dataclass(frozen=True)
-class TensorInfo:
+class StoredTensorInfo:
     """One tensor as a weight file's header (or a ``.bin`` state dict) describes it; no data."""
 
     dtype: str  # the label users know: "bfloat16", or the safetensors name torch lacks ("F6_E2M3")
@@ -117,7 +117,7 @@ class TensorInfo:
 @dataclass(frozen=True)
 class WeightFileHeader:
     path: Path
-    tensors: dict[str, TensorInfo]
+    tensors: dict[str, StoredTensorInfo]
     metadata: dict[str, str]
 
 
@@ -191,26 +191,40 @@ def read_safetensors_header(path: Path) -> WeightFileHeader:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) != 8:
-                raise CorruptCheckpointError(
-                    f"{path}: not a valid safetensors file (shorter than the 8-byte header length)"
-                )
-            (length,) = struct.unpack("<Q", raw_len)
-            if length > min(MAX_HEADER_BYTES, size - 8):
-                raise CorruptCheckpointError(
-                    f"{path}: not a valid safetensors file (header length {length} is larger than "
-                    f"{'the file' if length > size - 8 else 'any real header'})"
-                )
-            raw = f.read(length)
+            return parse_safetensors_header(path, f.read(8), size, f.read)
     except OSError as exc:
         raise _os_error(path, exc) from exc
+
+
+def parse_safetensors_header(
+    path: Path, head: bytes, size: int | None, read_header: Callable[[int], bytes]
+) -> WeightFileHeader:
+    """The validated header of a safetensors file, wherever its bytes come from (a local file, HTTP ranges).
+
+    ``head`` is the start of the file: at least its 8-byte header length, unless the file is shorter.
+    ``read_header(length)`` returns the ``length`` bytes after those 8, and is called only when ``head``
+    does not hold them. ``size`` is the file's size, ``None`` when unknown (the header length is then
+    checked against the limit alone, and the data section's end is not checked).
+    """
+    if len(head) < 8:
+        raise CorruptCheckpointError(
+            f"{path}: not a valid safetensors file (shorter than the 8-byte header length)"
+        )
+    (length,) = struct.unpack("<Q", head[:8])
+    past_the_end = size is not None and length > size - 8
+    if length > MAX_HEADER_BYTES or past_the_end:
+        raise CorruptCheckpointError(
+            f"{path}: not a valid safetensors file (header length {length} is larger than "
+            f"{'the file' if past_the_end else 'any real header'})"
+        )
+    raw = head[8 : 8 + length] if len(head) - 8 >= length else read_header(length)
     if len(raw) != length:
         raise CorruptCheckpointError(
             f"{path}: not a valid safetensors file (the file ends inside the header)"
         )
     header = decode_json(raw, f"{path}: not a valid safetensors file, header")
-    return validate_safetensors_header(header, path, 8 + length, size - 8 - length)
+    data_size = None if size is None else size - 8 - length
+    return validate_safetensors_header(header, path, 8 + length, data_size)
 
 
 def validate_safetensors_header(
@@ -225,7 +239,7 @@ def validate_safetensors_header(
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{where}: not a valid safetensors file (header is not a JSON object)")
     metadata = _header_metadata(header.get("__metadata__"), where)
-    tensors: dict[str, TensorInfo] = {}
+    tensors: dict[str, StoredTensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
     for key, entry in header.items():
         if key == "__metadata__":
@@ -288,7 +302,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _tensor_entry(key: str, entry: Any, where: str, data_start: int) -> tuple[TensorInfo, int, int]:
+def _tensor_entry(key: str, entry: Any, where: str, data_start: int) -> tuple[StoredTensorInfo, int, int]:
     def bad(problem: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{where}: tensor {key!r}: {problem}")
 
@@ -320,7 +334,7 @@ def _tensor_entry(key: str, entry: Any, where: str, data_start: int) -> tuple[Te
             f"shape {shape} of {dtype.name} needs {bits / 8:g} bytes, but data_offsets [{begin}, {end}] "
             f"span {end - begin}"
         )
-    info = TensorInfo(dtype.label, dtype.torch_dtype, tuple(shape), end - begin, data_start + begin)
+    info = StoredTensorInfo(dtype.label, dtype.torch_dtype, tuple(shape), end - begin, data_start + begin)
     return info, begin, end
 
 
@@ -347,8 +361,8 @@ def load_bin_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def bin_tensor_info(tensor: torch.Tensor) -> TensorInfo:
-    return TensorInfo(
+def bin_tensor_info(tensor: torch.Tensor) -> StoredTensorInfo:
+    return StoredTensorInfo(
         str(tensor.dtype).removeprefix("torch."),
         tensor.dtype,
         tuple(tensor.shape),
@@ -502,11 +516,31 @@ def hub_error(exc: BaseException, repo: str, location: str) -> CheckpointNotFoun
     )
 
 
-def is_not_cached(exc: BaseException) -> bool:
+def is_not_cached(exc: BaseException | None) -> bool:
     """A file absent from the local cache while the hub was not asked (offline) or not reachable."""
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     return isinstance(exc, LocalEntryNotFoundError)
+
+
+def download_hub_file(
+    repo: str, filename: str, subfolder: str | None, options: Mapping[str, Any], location: str
+) -> Path | None:
+    """The local path of a file of hub repository ``repo``, downloaded or taken from the cache with
+    ``hf_hub_download``'s keyword arguments ``options``; None when the repository has no such file.
+
+    Any other failure is the CheckpointNotFoundError of :func:`hub_error`, naming ``location`` and caused
+    by huggingface_hub's error.
+    """
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename, subfolder=subfolder, **options))
+    except Exception as exc:
+        error = hub_error(exc, repo, location)
+        if error is None:
+            return None
+        raise error from exc
 
 
 def _proxies(proxies: Mapping[str, str] | None) -> dict[str, Any]:
@@ -571,18 +605,15 @@ class _Fetcher:
                 return None
             check_inside(candidate, self.local_dir)
             return candidate
-        from huggingface_hub import hf_hub_download
-
         try:
-            return Path(hf_hub_download(self.path, filename, subfolder=self.subfolder, **self.hub_kwargs))
-        except Exception as exc:
-            error = hub_error(exc, self.path, self.location)
-            if error is not None and is_not_cached(exc):
-                self.not_cached = error  # reported only if config.json itself is missing
-                return None
-            if error is None:
-                return None
-            raise error from exc
+            return download_hub_file(self.path, filename, self.subfolder, self.hub_kwargs, self.location)
+        except CheckpointNotFoundError as error:
+            # Offline, a file absent from the cache may be one the checkpoint never had (the weight names
+            # are guesses): only a missing config.json reports it.
+            if not is_not_cached(error.__cause__):
+                raise
+            self.not_cached = error
+            return None
 
 
 def locate_checkpoint(
@@ -677,12 +708,14 @@ def _from_index(fetcher: _Fetcher, config_path: Path, index_path: Path) -> Check
 # --- reading ------------------------------------------------------------------------------------
 
 
-def check_value_dtype(key: str, value: torch.Tensor | TensorInfo, expected: torch.dtype, where: str) -> None:
+def check_value_dtype(
+    key: str, value: torch.Tensor | StoredTensorInfo, expected: torch.dtype, where: str
+) -> None:
     """Refuse a tensor whose kind cannot become the parameter's (integer or bool data for a float).
 
     Casting would load it silently wrong, or fail deep inside torch with a raw error.
     """
-    dtype = value.torch_dtype if isinstance(value, TensorInfo) else value.dtype
+    dtype = value.torch_dtype if isinstance(value, StoredTensorInfo) else value.dtype
     if dtype is None or not expected.is_floating_point:
         return
     if not dtype.is_floating_point or dtype.is_complex:
@@ -758,7 +791,7 @@ class CheckpointReader:
         self._handles.clear()
         self._states.clear()
 
-    def info(self, key: str) -> TensorInfo:
+    def info(self, key: str) -> StoredTensorInfo:
         return self.headers[self.key_file[key]].tensors[key]
 
     def read(self, key: str) -> torch.Tensor:

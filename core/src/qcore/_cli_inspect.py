@@ -8,7 +8,6 @@ downloads a few kilobytes.
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,21 +15,20 @@ from typing import Any, TypeVar
 
 from ._checkpoint import (
     CONFIG_NAME,
-    MAX_HEADER_BYTES,
     CheckpointReader,
-    TensorInfo,
+    StoredTensorInfo,
     check_hub_id,
     check_json_size,
-    decode_json,
+    download_hub_file,
     hub_error,
     locate_checkpoint,
+    parse_safetensors_header,
     read_json,
     read_weight_file,
     shard_names,
-    validate_safetensors_header,
     weight_candidates,
 )
-from ._errors import BackendError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, QcoreError
+from ._errors import BackendError, CheckpointNotFoundError, ConfigError, QcoreError
 from ._formats import open_format
 from ._registry import install_command, quant_method_of, resolve_config
 
@@ -85,7 +83,7 @@ class Survey:
         return asdict(self)
 
 
-_ShardRaw = tuple[str, "int | None", dict[str, TensorInfo], dict[str, str]]
+_ShardRaw = tuple[str, "int | None", dict[str, StoredTensorInfo], dict[str, str]]
 
 
 def survey(
@@ -135,7 +133,7 @@ def _single_file(path: Path) -> tuple[dict[str, Any], _ShardRaw]:
     """A lone weight file, read by its format (the loader's reader for safetensors, a plugin for others)."""
     with open_format(path) as fmt:
         tensors = {
-            key: TensorInfo(
+            key: StoredTensorInfo(
                 info.quant_type or (str(info.dtype).removeprefix("torch.") if info.dtype else "?"),
                 info.dtype,
                 tuple(info.shape),
@@ -244,28 +242,17 @@ class _HubFiles:
         self.repo, self.subfolder, self.variant = repo, subfolder or None, variant
         self.revision, self.token = revision, token
         self.api = HfApi(token=token)
+        self.hub_options = {"revision": revision, "token": token, "endpoint": self.api.endpoint}
         self.location = repo + (f" (subfolder {self.subfolder!r})" if self.subfolder else "")
 
     def _path(self, filename: str) -> str:
         return f"{self.subfolder}/{filename}" if self.subfolder else filename
 
-    def _download(self, filename: str) -> Path | None:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            path = hf_hub_download(
-                self.repo,
-                self._path(filename),
-                revision=self.revision,
-                token=self.token,
-                endpoint=self.api.endpoint,
-            )
-            return Path(path)
-        except Exception as exc:
-            error = hub_error(exc, self.repo, self.location)
-            if error is None:
-                return None
-            raise error from exc
+    def _download(self, filename: str) -> Path:
+        path = download_hub_file(self.repo, filename, self.subfolder, self.hub_options, self.location)
+        if path is None:
+            raise CheckpointNotFoundError(f"{filename} not found in {self.location}")
+        return path
 
     def config(self) -> dict[str, Any]:
         return self._asking_the_hub(
@@ -277,10 +264,7 @@ class _HubFiles:
         (as a local one is refused before it is read)."""
         if size is not None:
             check_json_size(f"{self.location}: {filename}", size)
-        path = self._download(filename)
-        if path is None:
-            raise CheckpointNotFoundError(f"{filename} not found in {self.location}")
-        return read_json(path)
+        return read_json(self._download(filename))
 
     def weights(self) -> tuple[list[_ShardRaw], str | None]:
         return self._asking_the_hub(self._weights)
@@ -314,19 +298,24 @@ class _HubFiles:
     def _header(self, filename: str, size: int | None) -> _ShardRaw:
         if filename.endswith(".bin"):  # pickles have no header: the whole file is needed
             path = self._download(filename)
-            if path is None:
-                raise CheckpointNotFoundError(f"{filename} not found in {self.location}")
             header, _ = read_weight_file(path)
             return filename, path.stat().st_size, header.tensors, header.metadata
-        where = Path(f"{self.location}: {filename}")
-        length, raw = self._header_bytes(filename, where)
-        parsed = decode_json(raw, f"{where}: not a valid safetensors file, header")
-        data_size = None if size is None else size - 8 - length
-        header = validate_safetensors_header(parsed, where, 8 + length, data_size)
+        fetch = self._range_reader(filename)
+        # The first range read holds all of a usual header; a larger one takes a second.
+        header = parse_safetensors_header(
+            Path(f"{self.location}: {filename}"),
+            fetch(0, 100_000),
+            size,
+            lambda length: fetch(8, length + 7),
+        )
         return filename, size, header.tensors, header.metadata
 
-    def _header_bytes(self, filename: str, where: Path) -> tuple[int, bytes]:
-        """The header of a hub safetensors file, by HTTP range requests (the first 100 kB, then the rest)."""
+    def _range_reader(self, filename: str) -> Callable[[int, int], bytes]:
+        """``fetch(first, last)``: those bytes of a hub file, by an HTTP range request.
+
+        Not through download_hub_file: hf_hub_download fetches whole files, and a header is a few kilobytes
+        of gigabytes. Its errors reach hub_error through _asking_the_hub.
+        """
         from huggingface_hub import hf_hub_url
         from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
@@ -340,15 +329,4 @@ class _HubFiles:
             hf_raise_for_status(response)
             return response.content
 
-        head = fetch(0, 100_000)
-        if len(head) < 8:
-            raise CorruptCheckpointError(f"{where}: not a valid safetensors file (shorter than 8 bytes)")
-        (length,) = struct.unpack("<Q", head[:8])
-        if length > MAX_HEADER_BYTES:
-            raise CorruptCheckpointError(f"{where}: not a valid safetensors file (header length {length})")
-        raw = head[8 : 8 + length] if length <= len(head) - 8 else fetch(8, length + 7)
-        if len(raw) != length:
-            raise CorruptCheckpointError(
-                f"{where}: not a valid safetensors file (the file ends inside the header)"
-            )
-        return length, raw
+        return fetch

@@ -20,8 +20,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._checkpoint import CONFIG_NAME, CheckpointFiles, CheckpointReader, aligned, read_json
-from ._checkpoint import TensorInfo as StoredTensorInfo
+from ._checkpoint import (
+    CONFIG_NAME,
+    CheckpointFiles,
+    CheckpointReader,
+    StoredTensorInfo,
+    aligned,
+    read_json,
+)
 from ._errors import (
     BackendLoadError,
     CheckpointError,
