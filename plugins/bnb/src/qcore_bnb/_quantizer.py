@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +45,9 @@ MAX_QUANT_STATE_BYTES = 1 << 16
 ADVICE = (
     "The checkpoint is damaged or was not written by bitsandbytes; re-save it from the unquantized weights."
 )
+# Bytes of a weight quantized at a time on the CPU: bitsandbytes' CPU kernels make temporaries of
+# four (8-bit) to seven (4-bit) times their input, which would add to the load's peak memory.
+SLICE_BYTES = 16 << 20
 
 
 def _bnb() -> Any:
@@ -67,6 +70,26 @@ def stat_owner(key: str) -> str | None:
 def packed_4bit_shape(numel: int, storage: torch.dtype) -> tuple[int, int]:
     """The shape bitsandbytes gives a 4-bit weight of ``numel`` values packed into ``storage``."""
     return ((numel + 1) // (storage.itemsize * 2), 1)
+
+
+def in_row_slices(
+    weight: torch.Tensor, rows_unit: int, quantize: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+) -> tuple[torch.Tensor, ...]:
+    """``quantize(weight)``; for a CPU matrix, in slices of about SLICE_BYTES of rows (a multiple of
+    ``rows_unit`` rows each), their outputs concatenated along dim 0.
+
+    bitsandbytes quantizes 4-bit blocks and packs them in the weight's flattened order, and 8-bit rows
+    one by one, so slices that start on a block and packing boundary (``rows_unit``) give the bytes of
+    one call, with temporaries of one slice.
+    """
+    if weight.device.type != "cpu" or weight.dim() != 2:
+        return quantize(weight)
+    rows, columns = weight.shape
+    step = max(rows_unit, SLICE_BYTES // max(1, columns * weight.element_size()) // rows_unit * rows_unit)
+    if step >= rows:
+        return quantize(weight)
+    pieces = [quantize(weight[start : start + step]) for start in range(0, rows, step)]
+    return tuple(torch.cat(parts) for parts in zip(*pieces, strict=True))
 
 
 def _corrupt(key: str, problem: str) -> qcore.CorruptCheckpointError:
@@ -433,8 +456,14 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
         weight = value.contiguous().to(device)
         if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             weight = weight.to(self.torch_dtype or torch.float16)
-        packed, absmax = torch.ops.bitsandbytes.quantize_4bit.default(
-            weight, old.blocksize, old.quant_type, old.quant_storage
+        # a slice starts on a whole block and a whole storage element of packed 4-bit values
+        unit = math.lcm(old.blocksize, 2 * old.quant_storage.itemsize)
+        packed, absmax = in_row_slices(
+            weight,
+            unit // math.gcd(unit, weight.shape[-1]),
+            lambda rows: torch.ops.bitsandbytes.quantize_4bit.default(
+                rows, old.blocksize, old.quant_type, old.quant_storage
+            ),
         )
         code = self._fixed_table(bnb, old.quant_type, weight.device).clone()
         functional = bnb.functional
@@ -577,7 +606,7 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
         """
         bnb = _bnb()
         source = value.contiguous().to(device=device, dtype=torch.float16)
-        cb, scb, _ = bnb.functional.int8_vectorwise_quant(source)
+        cb, scb = in_row_slices(source, 1, lambda rows: bnb.functional.int8_vectorwise_quant(rows)[:2])
         return bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
 
     def _create_8bit(

@@ -1,0 +1,98 @@
+"""On the CPU, weights are quantized in slices of rows: the same bytes as bitsandbytes' call on the whole
+weight (the slices only bound the temporaries of its CPU kernels)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as F
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import qcore
+import qcore_bnb._quantizer as bnb_quantizer
+from helpers.models import TinyTransformer, make_tiny
+from qcore_bnb import BitsAndBytesConfig
+
+
+@pytest.fixture
+def wide_ckpt(tmp_path: Path) -> Path:
+    # 96 columns: a slice must hold an even number of rows to start on a 64-element block
+    qcore.save_pretrained(make_tiny(dim=96), tmp_path / "bf16")
+    return tmp_path / "bf16"
+
+
+@pytest.fixture
+def slices(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Slices of about 5 rows of 96 bfloat16 values; records the shape of every weight cut into slices."""
+    seen: list[tuple[int, int]] = []
+    whole = bnb_quantizer.in_row_slices
+
+    def recording(weight: torch.Tensor, rows_unit: int, quantize: object) -> tuple[torch.Tensor, ...]:
+        calls: list[int] = []
+
+        def counted(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            calls.append(rows.shape[0])
+            return quantize(rows)  # type: ignore[operator]
+
+        out = whole(weight, rows_unit, counted)
+        if len(calls) > 1:
+            assert all(rows % rows_unit == 0 for rows in calls[:-1])
+            seen.append(tuple(weight.shape))
+        return out
+
+    monkeypatch.setattr(bnb_quantizer, "SLICE_BYTES", 5 * 96 * 2)
+    monkeypatch.setattr(bnb_quantizer, "in_row_slices", recording)
+    return seen
+
+
+@pytest.mark.parametrize("storage", ["uint8", "float32"])
+@pytest.mark.parametrize("double", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_slices_give_the_bytes_of_one_call(
+    wide_ckpt: Path, slices: list[tuple[int, int]], quant_type: str, double: bool, storage: str
+) -> None:
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double,
+        bnb_4bit_quant_storage=storage,
+    )
+    model = qcore.from_pretrained(
+        TinyTransformer, wide_ckpt, quantization_config=config, torch_dtype=torch.bfloat16
+    )
+    assert (96, 96) in slices
+    source = load_file(wide_ckpt / "diffusion_pytorch_model.safetensors")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert layers
+    for name, module in layers.items():
+        packed, state = F.quantize_4bit(
+            source[f"{name}.weight"],
+            blocksize=64,
+            compress_statistics=double,
+            quant_type=quant_type,
+            quant_storage=getattr(torch, storage),
+        )
+        weight = module.weight
+        assert weight.shape == packed.shape, name
+        assert torch.equal(weight.data.view(torch.uint8), packed.view(torch.uint8)), name
+        assert torch.equal(weight.quant_state.absmax, state.absmax), name
+        if double:
+            assert torch.equal(weight.quant_state.state2.absmax, state.state2.absmax), name
+            assert torch.equal(weight.quant_state.offset, state.offset), name
+
+
+def test_8bit_slices_give_the_bytes_of_one_call(wide_ckpt: Path, slices: list[tuple[int, int]]) -> None:
+    model = qcore.from_pretrained(
+        TinyTransformer, wide_ckpt, quantization_config=BitsAndBytesConfig(load_in_8bit=True)
+    )
+    assert (96, 96) in slices
+    source = load_file(wide_ckpt / "diffusion_pytorch_model.safetensors")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    assert layers
+    for name, module in layers.items():
+        cb, scb, _ = F.int8_vectorwise_quant(source[f"{name}.weight"].to(torch.float16))
+        assert torch.equal(module.weight.data, cb), name
+        assert torch.equal(module.weight.SCB, scb), name
