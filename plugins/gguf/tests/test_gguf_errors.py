@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
+import sysconfig
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +17,8 @@ import torch
 from flux_files import write_bfl_flux_gguf
 
 import qcore
+from helpers.envs import clean_environ
+from helpers.fakehub import fake_hub
 from qcore_gguf import GGUFConfig, GGUFFormat
 from qcore_gguf.testing import write_gguf
 
@@ -37,6 +44,112 @@ def test_missing_backend_is_an_install_hint_never_a_plain_load(
     assert info.value.quant_method == "gguf"
     assert "pip install qcore-gguf" in str(info.value) or "QCORE_PLUGINS" in str(info.value)
     assert flux_file.name in str(info.value)
+
+
+def _site_without_qcore_gguf(root: Path) -> Path:
+    """A site directory of links to this environment's packages less qcore-gguf (its metadata, its code and
+    the .pth that puts an editable install on sys.path): to a Python started with it, it is not installed."""
+    site = root / "site-packages"
+    site.mkdir()
+    paths = sysconfig.get_paths()
+    for directory in dict.fromkeys([paths["purelib"], paths["platlib"]]):
+        for entry in os.listdir(directory):
+            stem = entry.removesuffix(".pth").removeprefix("_editable_impl_").removeprefix("__editable__.")
+            if stem.split("-")[0].replace(".", "_").lower() != "qcore_gguf" and not (site / entry).exists():
+                (site / entry).symlink_to(Path(directory) / entry)
+    return site
+
+
+WITHOUT_QCORE_GGUF = """
+import importlib.metadata, importlib.util, json, site, sys
+site.addsitedir(SITE)
+
+import qcore
+from diffusers import FluxTransformer2DModel
+
+
+def absent():
+    try:
+        importlib.metadata.distribution("qcore-gguf")
+    except importlib.metadata.PackageNotFoundError:
+        return importlib.util.find_spec("qcore_gguf") is None
+    return False
+
+
+def attempt(name):
+    try:
+        qcore.from_pretrained(FluxTransformer2DModel, name)
+    except qcore.QcoreError as exc:
+        method = getattr(exc, "quant_method", None)
+        return {"type": type(exc).__name__, "quant_method": method, "message": str(exc)}
+    return {"type": None}
+
+
+print(json.dumps({
+    "absent": absent(),
+    "formats": [ep.name for ep in importlib.metadata.entry_points(group="qcore.formats")],
+    "backends": sorted(ep.name for ep in importlib.metadata.entry_points(group="qcore.backends")),
+    "local": attempt(LOCAL),
+    "hub": attempt(HUB),
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def without_qcore_gguf(flux_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """What a Python without qcore-gguf reports when it loads ``flux_file``, locally and from the hub."""
+    root = tmp_path_factory.mktemp("without-qcore-gguf")
+    site = _site_without_qcore_gguf(root)
+    hub_name = f"acme/flux/{flux_file.name}"
+    preamble = f"SITE, LOCAL, HUB = {str(site)!r}, {str(flux_file)!r}, {hub_name!r}\n"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        with fake_hub(flux_file.parent, "acme/flux", root / "cache", monkeypatch) as hub:
+            env = clean_environ(HF_ENDPOINT=hub.endpoint, HF_HUB_CACHE=str(root / "cache"))
+            env.pop("PYTHONPATH", None)
+            env.pop("HF_HUB_OFFLINE", None)
+            # -S: the environment's own site-packages, where qcore-gguf is installed, is never added.
+            result = subprocess.run(
+                [sys.executable, "-S", "-c", preamble + textwrap.dedent(WITHOUT_QCORE_GGUF)],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=root,
+                timeout=300,
+            )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report["downloads"] = hub.full_downloads
+    return report
+
+
+@pytest.mark.slow
+def test_gguf_file_without_qcore_gguf_installed_is_an_install_hint(
+    flux_file: Path, without_qcore_gguf: dict
+) -> None:
+    report = without_qcore_gguf
+    assert report["absent"] and report["formats"] == [] and "gguf" not in report["backends"]
+    assert report["backends"]  # the other backends are there: only qcore-gguf is missing
+    assert report["downloads"] == [flux_file.name]  # the hub file was fetched, then refused
+    for where in ("local", "hub"):
+        refused = report[where]
+        assert refused["type"] == "BackendNotFoundError", (where, refused)
+        assert refused["quant_method"] == "gguf"
+        assert "pip install qcore-gguf" in refused["message"], refused["message"]
+        assert flux_file.name in refused["message"], refused["message"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="format_for raises BackendNotFoundError without the installed backends' names, so the "
+    "message says 'No backend is installed.' while other backends are installed",
+)
+def test_gguf_install_hint_does_not_deny_the_installed_backends(without_qcore_gguf: dict) -> None:
+    report = without_qcore_gguf
+    assert "bitsandbytes" in report["backends"]
+    message = report["local"]["message"]
+    assert "No backend is installed" not in message, message
+    assert "bitsandbytes" in message, message
 
 
 def test_gguf_cannot_quantize_on_load(tmp_path: Path) -> None:
