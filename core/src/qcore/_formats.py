@@ -28,6 +28,7 @@ from ._errors import (
     CorruptCheckpointError,
 )
 from ._pluginenv import autoload_disabled, plugin_allowed
+from ._registry import known_backend_names
 from ._singlefile import FORMATS_GROUP
 
 logger = logging.getLogger("qcore")
@@ -247,7 +248,9 @@ def format_for(path: Path) -> type[CheckpointFormat]:
         elif autoload_disabled():
             hint += "; note that QCORE_DISABLE_PLUGIN_AUTOLOAD is set"
         if implied is not None:
-            raise BackendNotFoundError(implied, f"{path.name} is a .{suffix} file: {hint}")
+            raise BackendNotFoundError(
+                implied, f"{path.name} is a .{suffix} file: {hint}", known_backend_names()
+            )
         raise CheckpointError(f"{path}: no reader for .{suffix} files is installed: {hint}")
     entry = allowed[0]
     distribution = entry.dist.name if entry.dist else None

@@ -172,7 +172,7 @@ def get_backend(quant_method: str) -> Backend:
     if not allowed:
         if candidates:
             hint = f"it is installed but not in QCORE_PLUGINS={os.environ.get('QCORE_PLUGINS')!r}"
-        raise BackendNotFoundError(quant_method, hint, _known_names())
+        raise BackendNotFoundError(quant_method, hint, known_backend_names())
     if len(allowed) > 1:
         raise DuplicateBackendError(
             quant_method, [f"distribution {_distribution_of(ep)[0]!r}" for ep in allowed]
@@ -183,7 +183,8 @@ def get_backend(quant_method: str) -> Backend:
     return backend
 
 
-def _known_names() -> set[str]:
+def known_backend_names() -> set[str]:
+    """The quant_methods a load could use now: registered in-process, or installed and allowed."""
     names = set(_registered)
     if not autoload_disabled():
         names.update(ep.name for ep in _entry_points() if plugin_allowed(ep.name, _distribution_of(ep)[0]))

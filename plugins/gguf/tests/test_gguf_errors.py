@@ -139,12 +139,7 @@ def test_gguf_file_without_qcore_gguf_installed_is_an_install_hint(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="format_for raises BackendNotFoundError without the installed backends' names, so the "
-    "message says 'No backend is installed.' while other backends are installed",
-)
-def test_gguf_install_hint_does_not_deny_the_installed_backends(without_qcore_gguf: dict) -> None:
+def test_gguf_install_hint_names_the_installed_backends(without_qcore_gguf: dict) -> None:
     report = without_qcore_gguf
     assert "bitsandbytes" in report["backends"]
     message = report["local"]["message"]
