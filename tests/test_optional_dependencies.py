@@ -5,10 +5,8 @@ checks at run time and is tested with."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from helpers.envs import REPO, clean_environ
+from helpers.envs import REPO, clean_environ, site_without
 from qcore._model import MINIMUM_VERSIONS
 
 TESTS = Path(__file__).resolve().parent
@@ -50,25 +48,6 @@ def test_pipelines_extra_floors_are_the_checked_and_tested_releases() -> None:
     for name, floor in floors.items():
         # The floor is the minor release CI tests: an older one has never been tried.
         assert pins[name].release[:2] == Version(floor).release[:2], (name, floor, pins[name])
-
-
-def _hidden(entry: str) -> bool:
-    """Whether a site-packages entry belongs to a distribution left out (its package, metadata, or .pth)."""
-    stem = entry.removesuffix(".pth").removeprefix("_editable_impl_").removeprefix("__editable__.")
-    return stem.split("-")[0].replace(".", "_").lower() in (*OPTIONAL, *OTHER_BACKENDS)
-
-
-def _site_without_optional_libraries(root: Path) -> Path:
-    """A site directory of links to this environment's packages, less diffusers, transformers and the other
-    qcore backends: to Python (imports and importlib.metadata alike) they are not installed."""
-    site = root / "site-packages"
-    site.mkdir()
-    paths = sysconfig.get_paths()
-    for directory in dict.fromkeys([paths["purelib"], paths["platlib"]]):
-        for entry in os.listdir(directory):
-            if not _hidden(entry) and not (site / entry).exists():
-                (site / entry).symlink_to(Path(directory) / entry)
-    return site
 
 
 SINGLE_MODEL = """
@@ -115,7 +94,7 @@ print(json.dumps({
 
 
 def test_qcore_and_qcore_bnb_alone_load_a_single_model(tmp_path: Path) -> None:
-    site = _site_without_optional_libraries(tmp_path)
+    site = site_without(tmp_path, [*OPTIONAL, *OTHER_BACKENDS])
     preamble = f"SITE, TESTS, ROOT = {str(site)!r}, {str(TESTS)!r}, {str(tmp_path)!r}\n"
     env = clean_environ()
     env.pop("PYTHONPATH", None)

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -287,3 +287,20 @@ ALL_DISTRIBUTIONS = [
     "qcore-dup-a",
     "qcore-dup-b",
 ]
+
+
+def site_without(root: Path, hidden: Iterable[str]) -> Path:
+    """A site directory of links to this environment's packages less the distributions ``hidden``
+    (import names, e.g. ``qcore_gguf``): their code, metadata and the .pth of an editable install are
+    left out, so to a Python started with ``-S`` and this site, imports and importlib.metadata alike,
+    they are not installed."""
+    hidden = {name.replace("-", "_").lower() for name in hidden}
+    site = root / "site-packages"
+    site.mkdir()
+    paths = sysconfig.get_paths()
+    for directory in dict.fromkeys([paths["purelib"], paths["platlib"]]):
+        for entry in os.listdir(directory):
+            stem = entry.removesuffix(".pth").removeprefix("_editable_impl_").removeprefix("__editable__.")
+            if stem.split("-")[0].replace(".", "_").lower() not in hidden and not (site / entry).exists():
+                (site / entry).symlink_to(Path(directory) / entry)
+    return site

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
-import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import torch
 from flux_files import write_bfl_flux_gguf
 
 import qcore
-from helpers.envs import clean_environ
+from helpers.envs import clean_environ, site_without
 from helpers.fakehub import fake_hub
 from qcore_gguf import GGUFConfig, GGUFFormat
 from qcore_gguf.testing import write_gguf
@@ -44,20 +42,6 @@ def test_missing_backend_is_an_install_hint_never_a_plain_load(
     assert info.value.quant_method == "gguf"
     assert "pip install qcore-gguf" in str(info.value) or "QCORE_PLUGINS" in str(info.value)
     assert flux_file.name in str(info.value)
-
-
-def _site_without_qcore_gguf(root: Path) -> Path:
-    """A site directory of links to this environment's packages less qcore-gguf (its metadata, its code and
-    the .pth that puts an editable install on sys.path): to a Python started with it, it is not installed."""
-    site = root / "site-packages"
-    site.mkdir()
-    paths = sysconfig.get_paths()
-    for directory in dict.fromkeys([paths["purelib"], paths["platlib"]]):
-        for entry in os.listdir(directory):
-            stem = entry.removesuffix(".pth").removeprefix("_editable_impl_").removeprefix("__editable__.")
-            if stem.split("-")[0].replace(".", "_").lower() != "qcore_gguf" and not (site / entry).exists():
-                (site / entry).symlink_to(Path(directory) / entry)
-    return site
 
 
 WITHOUT_QCORE_GGUF = """
@@ -99,7 +83,7 @@ print(json.dumps({
 def without_qcore_gguf(flux_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """What a Python without qcore-gguf reports when it loads ``flux_file``, locally and from the hub."""
     root = tmp_path_factory.mktemp("without-qcore-gguf")
-    site = _site_without_qcore_gguf(root)
+    site = site_without(root, ["qcore_gguf"])
     hub_name = f"acme/flux/{flux_file.name}"
     preamble = f"SITE, LOCAL, HUB = {str(site)!r}, {str(flux_file)!r}, {hub_name!r}\n"
     with pytest.MonkeyPatch.context() as monkeypatch:
