@@ -4,7 +4,6 @@ checks at run time and is tested with."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
@@ -14,7 +13,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from helpers.envs import REPO, clean_environ, site_without
+from helpers.envs import REPO, clean_environ, report_without_site_packages, site_without
 from qcore._model import MINIMUM_VERSIONS
 
 TESTS = Path(__file__).resolve().parent
@@ -96,19 +95,7 @@ print(json.dumps({
 def test_qcore_and_qcore_bnb_alone_load_a_single_model(tmp_path: Path) -> None:
     site = site_without(tmp_path, [*OPTIONAL, *OTHER_BACKENDS])
     preamble = f"SITE, TESTS, ROOT = {str(site)!r}, {str(TESTS)!r}, {str(tmp_path)!r}\n"
-    env = clean_environ()
-    env.pop("PYTHONPATH", None)
-    # -S: this environment's site-packages (which has diffusers and transformers) is never added.
-    result = subprocess.run(
-        [sys.executable, "-S", "-c", preamble + textwrap.dedent(SINGLE_MODEL)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = report_without_site_packages(preamble + textwrap.dedent(SINGLE_MODEL), tmp_path, clean_environ())
     assert report["absent"] == ["diffusers", "transformers", "qcore-torchao"]  # as if never installed
     assert report["imported"] == []
     assert report["quant_method"] == "bitsandbytes"

@@ -304,3 +304,20 @@ def site_without(root: Path, hidden: Iterable[str]) -> Path:
             if stem.split("-")[0].replace(".", "_").lower() not in hidden and not (site / entry).exists():
                 (site / entry).symlink_to(Path(directory) / entry)
     return site
+
+
+def report_without_site_packages(code: str, cwd: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Run ``code`` in a Python started with ``-S`` (this environment's site-packages never added: the
+    code adds a site of its own, e.g. one made by :func:`site_without`) and return the JSON object its
+    last line of output prints."""
+    env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

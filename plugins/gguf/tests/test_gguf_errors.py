@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import torch
 from flux_files import write_bfl_flux_gguf
 
 import qcore
-from helpers.envs import clean_environ, site_without
+from helpers.envs import clean_environ, report_without_site_packages, site_without
 from helpers.fakehub import fake_hub
 from qcore_gguf import GGUFConfig, GGUFFormat
 from qcore_gguf.testing import write_gguf
@@ -89,19 +87,8 @@ def without_qcore_gguf(flux_file: Path, tmp_path_factory: pytest.TempPathFactory
     with pytest.MonkeyPatch.context() as monkeypatch:
         with fake_hub(flux_file.parent, "acme/flux", root / "cache", monkeypatch) as hub:
             env = clean_environ(HF_ENDPOINT=hub.endpoint, HF_HUB_CACHE=str(root / "cache"))
-            env.pop("PYTHONPATH", None)
             env.pop("HF_HUB_OFFLINE", None)
-            # -S: the environment's own site-packages, where qcore-gguf is installed, is never added.
-            result = subprocess.run(
-                [sys.executable, "-S", "-c", preamble + textwrap.dedent(WITHOUT_QCORE_GGUF)],
-                capture_output=True,
-                text=True,
-                env=env,
-                cwd=root,
-                timeout=300,
-            )
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+            report = report_without_site_packages(preamble + textwrap.dedent(WITHOUT_QCORE_GGUF), root, env)
     report["downloads"] = hub.full_downloads
     return report
 
