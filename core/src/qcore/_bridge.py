@@ -35,6 +35,7 @@ from ._errors import (
     ShapeMismatchError,
     UnexpectedKeysError,
 )
+from ._helpers import release_of
 from ._loadrecord import LoadRecord, attach_load_record
 from ._plugins import make_plugin_manager
 from ._quantizer import Quantizer
@@ -130,16 +131,6 @@ _ABSENT = object()
 _state: BridgeState | None = None
 
 
-def _release(text: str) -> tuple[int, ...] | None:
-    """The release number of a version string (``"5.23.0.dev0"`` is 5.23.0); None if it does not parse."""
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        return Version(text).release
-    except InvalidVersion:
-        return None
-
-
 def _dotted(release: tuple[int, ...]) -> str:
     return ".".join(map(str, release))
 
@@ -150,7 +141,7 @@ def check_library_version(library: str) -> str:
     A supported version other than the tested one (:data:`TESTED_VERSIONS`) is logged as a warning.
     """
     installed = version(library)
-    have = _release(installed)
+    have = release_of(installed)
     supported, tested = SUPPORTED_VERSIONS[library], _dotted(TESTED_VERSIONS[library])
     if have is None or not any(have[: len(prefix)] == prefix for prefix in supported):
         wanted = " or ".join(_dotted(prefix) + ".x" for prefix in supported)

@@ -61,6 +61,17 @@ def device_types(device_map: Any) -> set[str]:
         return set()
 
 
+def release_of(version: str) -> tuple[int, ...] | None:
+    """The release number of a version string (``"5.23.0.dev0"`` and ``"5.23.0+cu121"`` are 5.23.0);
+    None for one that does not parse."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version).release
+    except InvalidVersion:
+        return None
+
+
 def version_at_least(installed: str, minimum: str) -> bool:
     """Whether ``installed`` (a package's ``__version__``) is at least ``minimum``, by release number.
 
@@ -68,11 +79,10 @@ def version_at_least(installed: str, minimum: str) -> bool:
     development build of a release counts as that release. A version that does not parse (some source
     builds say ``"unknown"``) counts as new enough: the package imported, and its features decide.
     """
-    from packaging.version import InvalidVersion, Version
+    from packaging.version import Version
 
-    try:
-        found = Version(installed).release
-    except InvalidVersion:
+    found = release_of(installed)
+    if found is None:
         return True
     needed = Version(minimum).release
     width = max(len(found), len(needed))
