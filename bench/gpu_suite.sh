@@ -92,9 +92,10 @@ fi
 
 if has warm; then
   step "warm page cache: $WARM_MODES, $REPEAT repeats"
-  ENV_FLAG=(); [ -f "$RESULTS" ] && ENV_FLAG=(--no-env)
+  # the versions line and the `import qcore` row once per results file
+  FIRST=(--import-check); [ -f "$RESULTS" ] && FIRST=(--no-env)
   "$PY" bench/run.py --device "$DEVICE" --checkpoint "$BF16" --prequantized "$NF4" --repeat "$REPEAT" \
-    "${ENV_FLAG[@]}" --import-check --timeout 150 --out "$RESULTS" --profile "$PROFILE" --modes "$WARM_MODES" \
+    "${FIRST[@]}" --timeout 150 --out "$RESULTS" --profile "$PROFILE" --modes "$WARM_MODES" \
     --loaders "${BENCH_WARM_LOADERS:-qcore,diffusers,preadv,instanttensor}"
   keep
 fi
