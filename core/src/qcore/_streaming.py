@@ -32,7 +32,9 @@ from ._checkpoint import CheckpointReader
 from ._converters import ConvertedReader
 from ._errors import CorruptCheckpointError
 
-TRIM_BYTES = 32 << 20
+# The heap's free pages go back to the system after every TRIM_BYTES of CPU tensors consumed: a
+# backend's temporaries of a few weights, not of a few dozen, stay in the RSS between two trims.
+TRIM_BYTES = 8 << 20
 
 
 def _setting(name: str, default: int) -> int:
