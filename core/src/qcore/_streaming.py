@@ -32,9 +32,10 @@ from ._checkpoint import CheckpointReader
 from ._converters import ConvertedReader
 from ._errors import CorruptCheckpointError
 
-# The heap's free pages go back to the system after every TRIM_BYTES of CPU tensors consumed: a
-# backend's temporaries of a few weights, not of a few dozen, stay in the RSS between two trims.
-TRIM_BYTES = 8 << 20
+# The heap's free pages go back to the system after every TRIM_BYTES of CPU tensors consumed. Less
+# costs time, for little memory: every 8 MiB, a torchao int8 load of a 160M Flux took 20-35% longer
+# (the returned pages fault in again) and an NF4 one peaked 25 MiB lower.
+TRIM_BYTES = 32 << 20
 
 
 def _setting(name: str, default: int) -> int:
