@@ -100,3 +100,26 @@ def test_auto_device_map_with_max_memory_offloads_to_cpu(tmp_path: Path) -> None
     assert placed == {"cuda:0", "cpu"}
     x = torch.randn(2, 256, dtype=torch.bfloat16)
     assert torch.allclose(loaded(x.cuda()).cpu().float(), model(x).float(), atol=1e-2)
+
+
+class ThreeLarge(qcore.ModelMixin):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(2048, 2048, bias=False) for _ in range(3))  # 16 MiB each
+
+
+@pytest.mark.parametrize("reserve,segments", [("1", 1), ("0", 3)])
+def test_unquantized_load_reserves_its_large_tensors_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reserve: str, segments: int
+) -> None:
+    monkeypatch.setenv("QCORE_CUDA_RESERVE", reserve)
+    torch.manual_seed(0)
+    model = ThreeLarge()
+    qcore.save_pretrained(model, tmp_path / "three")
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_stats()["segment.large_pool.allocated"]
+    loaded = ThreeLarge.from_pretrained(tmp_path / "three", device_map="cuda")
+    # one cudaMalloc for the three weights, where each would otherwise get a segment of its own
+    assert torch.cuda.memory_stats()["segment.large_pool.allocated"] - before == segments
+    for got, want in zip(loaded.layers, model.layers, strict=True):
+        assert torch.equal(got.weight.cpu(), want.weight)

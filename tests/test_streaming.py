@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from qcore._checkpoint import CheckpointReader, locate_checkpoint
 from qcore._noinit import no_init_on_meta
-from qcore._streaming import stream_tensors
+from qcore._streaming import reservation_sizes, stream_tensors
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -80,3 +80,13 @@ def test_no_init_on_meta_skips_meta_tensors_only() -> None:
     assert meta.weight.is_meta
     assert torch.equal(real.weight, reference.weight) and torch.equal(real.bias, reference.bias)
     assert torch.nn.init.kaiming_uniform_ is original
+
+
+def test_gpu_reservation_counts_the_large_pool_per_device() -> None:
+    gpu0, gpu1, cpu = torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cpu")
+    mib = 1 << 20
+    sizes = reservation_sizes(
+        [(mib, gpu0), (mib + 1, gpu0), (3 * mib, gpu0), (5 * mib, gpu1), (9 * mib, cpu), (0, gpu1)]
+    )
+    # at most 1 MiB comes from the small pool; larger sizes round up to 512 bytes; CPU tensors are not counted
+    assert sizes == {gpu0: mib + 512 + 3 * mib, gpu1: 5 * mib}

@@ -525,7 +525,10 @@ def _load_weights(
     load = _Load(model, reader, quant, torch_dtype, keep_fp32, model.state_dict(keep_vars=True))
     groups = group_keys(load)
     devices = {name: target_device(name, device_map) for name in groups}
-    arriving = stream_tensors(reader, [(key, devices[name]) for name, keys in groups.items() for key in keys])
+    order = [(key, devices[name]) for name, keys in groups.items() for key in keys]
+    # Quantizing on load allocates what the backend makes of each weight, not what the file holds.
+    keeps_bytes_as_read = quant.quantizer is None or quant.pre_quantized
+    arriving = stream_tensors(reader, order, reserve_gpu_memory=keeps_bytes_as_read)
     loaded: set[str] = set()
     with tqdm(total=len(groups), desc="Loading weights", unit="param", disable=None, leave=False) as progress:
         for param_name, keys in groups.items():

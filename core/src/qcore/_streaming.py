@@ -21,7 +21,7 @@ import ctypes
 import mmap
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,11 @@ from ._errors import CorruptCheckpointError
 # costs time, for little memory: every 8 MiB, a torchao int8 load of a 160M Flux took 20-35% longer
 # (the returned pages fault in again) and an NF4 one peaked 25 MiB lower.
 TRIM_BYTES = 32 << 20
+# The CUDA caching allocator serves allocations up to SMALL_POOL_BYTES from a pool of small segments and
+# rounds larger ones up to ALLOCATION_GRANULE bytes; a reservation leaves RESERVE_MARGIN_BYTES free.
+SMALL_POOL_BYTES = 1 << 20
+ALLOCATION_GRANULE = 512
+RESERVE_MARGIN_BYTES = 1 << 30
 
 
 def _setting(name: str, default: int) -> int:
@@ -97,11 +102,18 @@ def _spans(reader: CheckpointReader, keys: Sequence[str]) -> dict[str, _TensorSp
 
 
 def stream_tensors(
-    reader: CheckpointReader | ConvertedReader, order: Sequence[tuple[str, torch.device]]
+    reader: CheckpointReader | ConvertedReader,
+    order: Sequence[tuple[str, torch.device]],
+    *,
+    reserve_gpu_memory: bool = False,
 ) -> Iterator[torch.Tensor]:
-    """Yield the tensors of ``order`` ((key, target device) pairs), in order, on their devices."""
+    """Yield the tensors of ``order`` ((key, target device) pairs), in order, on their devices.
+
+    With ``reserve_gpu_memory`` (for loads that keep the tensors as read: unquantized or
+    pre-quantized), the GPU memory of the large tensors is first reserved in one allocation per device.
+    """
     if isinstance(reader, ConvertedReader):
-        yield from _stream(reader, order, _converted_spans(reader, order))
+        yield from _stream(reader, order, _converted_spans(reader, order), reserve_gpu_memory)
         return
     direct = [
         key
@@ -110,15 +122,20 @@ def stream_tensors(
         and reader.key_file[key].suffix == ".safetensors"
         and reader.info(key).offset is not None  # rows of converted keys are read by the reader
     ]
-    yield from _stream(reader, order, _spans(reader, direct))
+    yield from _stream(reader, order, _spans(reader, direct), reserve_gpu_memory)
 
 
 def _stream(
     reader: CheckpointReader | ConvertedReader,
     order: Sequence[tuple[str, torch.device]],
     spans: dict[str, _TensorSpan],
+    reserve_gpu_memory: bool,
 ) -> Iterator[torch.Tensor]:
     on_gpu = {key for key, device in order if key in spans and device.type == "cuda"}
+    if on_gpu and reserve_gpu_memory and _setting("QCORE_CUDA_RESERVE", 1):
+        reserve_device_memory(
+            reservation_sizes((spans[key].nbytes, device) for key, device in order if key in on_gpu)
+        )
     files = _Files()
     try:
         if not on_gpu:
@@ -175,6 +192,46 @@ class _Files:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+
+
+def reservation_sizes(tensors: Iterable[tuple[int, torch.device]]) -> dict[torch.device, int]:
+    """Bytes per CUDA device that the caching allocator will hand out from its large pool for
+    ``tensors`` ((bytes, device) pairs).
+
+    It serves allocations of at most SMALL_POOL_BYTES from 2 MiB segments of their own and rounds the
+    others up to ALLOCATION_GRANULE bytes.
+    """
+    sizes: dict[torch.device, int] = {}
+    for nbytes, device in tensors:
+        if device.type == "cuda" and nbytes > SMALL_POOL_BYTES:
+            rounded = -(-nbytes // ALLOCATION_GRANULE) * ALLOCATION_GRANULE
+            sizes[device] = sizes.get(device, 0) + rounded
+    return sizes
+
+
+def reserve_device_memory(sizes: Mapping[torch.device, int]) -> None:
+    """Have the CUDA caching allocator hold ``sizes`` bytes per device, each in one segment.
+
+    Without it nearly every weight of a load is a ``cudaMalloc`` of a size not seen before; reserved
+    at once, the weights are carved out of one segment. diffusers and transformers warm their
+    allocator the same way before a load. Nothing is reserved where the allocator already holds enough
+    unused memory, where the reservation would leave less than RESERVE_MARGIN_BYTES free, or where
+    ``max_split_size_mb`` forbids splitting large blocks (the segment would stay unused).
+    """
+    settings = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + os.environ.get("PYTORCH_ALLOC_CONF", "")
+    if "max_split_size_mb" in settings:
+        return
+    for device, nbytes in sizes.items():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        unused = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+        free, _ = torch.cuda.mem_get_info(index)
+        if nbytes <= unused or nbytes > free - RESERVE_MARGIN_BYTES:
+            continue
+        try:
+            # freed at once: the allocator keeps the segment for the tensors that follow
+            torch.empty(nbytes, dtype=torch.uint8, device=torch.device("cuda", index))
+        except torch.OutOfMemoryError:
+            continue  # a reservation is an optimisation: the load itself says whether the model fits
 
 
 def _read_exactly(fd: int, view: memoryview, offset: int, path: Path) -> None:
