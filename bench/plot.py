@@ -17,6 +17,7 @@ from run import ALL_MODES, MODEL_LOADERS, RAW_LOADERS, aggregate, read_results  
 
 COLORS = {
     "qcore": "#1f77b4",
+    "qcore-noreserve": "#aec7e8",
     "diffusers": "#ff7f0e",
     "safetensors": "#7f7f7f",
     "preadv": "#2ca02c",

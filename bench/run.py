@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-MODEL_LOADERS = ["diffusers", "qcore"]
+MODEL_LOADERS = ["diffusers", "qcore", "qcore-noreserve"]
+# variants of a loader: the loader run_one.py runs, and the environment it runs with
+VARIANTS = {"qcore-noreserve": ("qcore", {"QCORE_CUDA_RESERVE": "0"})}
 RAW_LOADERS = ["safetensors", "preadv", "instanttensor", "instanttensor-direct"]
 ALL_MODES = ["bf16", "nf4", "nf4-prequantized", "int8wo"]
 RAW_MODES = {"bf16", "nf4-prequantized"}  # quantize-on-load modes read the bf16 bytes: the bf16 raw row
@@ -126,11 +128,12 @@ def plan(
 
 
 def run_one(loader: str, mode: str, args: argparse.Namespace, extra: Sequence[str] = ()) -> dict[str, Any]:
+    runs_as, env = VARIANTS.get(loader, (loader, {}))
     cmd = [
         sys.executable,
         str(HERE / "run_one.py"),
         "--loader",
-        loader,
+        runs_as,
         "--mode",
         mode,
         "--refdir",
@@ -147,7 +150,9 @@ def run_one(loader: str, mode: str, args: argparse.Namespace, extra: Sequence[st
     cmd += list(extra)
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=args.timeout, env={**os.environ, **env}
+        )
     except subprocess.TimeoutExpired as exc:
         err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
         return {
@@ -171,6 +176,7 @@ def run_one(loader: str, mode: str, args: argparse.Namespace, extra: Sequence[st
     if record.get("status") != "ok":
         record["stderr_tail"] = proc.stderr[-1500:]
     record["process_s"] = round(time.perf_counter() - t0, 2)
+    record["loader"] = loader
     return record
 
 
