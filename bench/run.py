@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, help="bf16 checkpoint (bench/make_checkpoint.py)")
     p.add_argument("--prequantized", type=Path, help="nf4 checkpoint (make_checkpoint.py --prequantize nf4)")
     p.add_argument("--modes", default=",".join(ALL_MODES))
-    p.add_argument("--loaders", default=",".join(MODEL_LOADERS + RAW_LOADERS))
+    p.add_argument("--loaders", default=",".join(x for x in MODEL_LOADERS + RAW_LOADERS if x not in VARIANTS))
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu, for smoke tests")
     p.add_argument("--out", type=Path, help="append the JSON lines to this file too")
