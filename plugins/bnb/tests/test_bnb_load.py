@@ -13,6 +13,12 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as F
 import pytest
 import torch
+from bnb_reference import (
+    assert_4bit_like_bitsandbytes,
+    assert_8bit_like_bitsandbytes,
+    linear4bit_modules,
+    linear8bit_modules,
+)
 from safetensors.torch import load_file
 from torch import nn
 
@@ -57,10 +63,6 @@ def reference(ckpt: Path) -> tuple[torch.Tensor, torch.Tensor]:
         return x, make_tiny()(x)
 
 
-def linear4bit_modules(model: nn.Module) -> dict[str, bnb.nn.Linear4bit]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-
-
 @pytest.mark.parametrize(("quant_type", "double", "storage", "compute"), COMBOS)
 def test_4bit_combination_quantizes_like_bitsandbytes_and_round_trips(
     ckpt: Path, reference: tuple, tmp_path: Path, quant_type: str, double: bool, storage: str, compute: str
@@ -78,25 +80,10 @@ def test_4bit_combination_quantizes_like_bitsandbytes_and_round_trips(
     source = load_file(ckpt / "diffusion_pytorch_model.safetensors")
     layers = linear4bit_modules(model)
     assert len(layers) == 2 * 3 + 2  # attn + proj_out per block (2 blocks + 1 vace block), proj_in, proj_out
-    for name, module in layers.items():
-        weight = module.weight
-        assert weight.device.type == "cpu" and weight.dtype == getattr(torch, storage)
+    for module in layers.values():
+        assert module.weight.device.type == "cpu" and module.weight.dtype == getattr(torch, storage)
         assert module.compute_dtype == getattr(torch, compute)
-        packed, state = F.quantize_4bit(
-            source[f"{name}.weight"],
-            blocksize=64,
-            compress_statistics=double,
-            quant_type=quant_type,
-            quant_storage=getattr(torch, storage),
-        )
-        assert torch.equal(weight.data.view(torch.uint8), packed.view(torch.uint8)), name
-        assert torch.equal(weight.quant_state.absmax, state.absmax), name
-        assert torch.equal(weight.quant_state.code, state.code), name
-        if double:
-            assert torch.equal(weight.quant_state.state2.absmax, state.state2.absmax), name
-            assert torch.equal(weight.quant_state.offset, state.offset), name
-        else:
-            assert weight.quant_state.state2 is None
+    assert_4bit_like_bitsandbytes(layers, source, quant_type=quant_type, double=double, storage=storage)
 
     x, ref = reference
     with torch.no_grad():
@@ -122,12 +109,10 @@ def test_8bit_quantizes_like_bitsandbytes_with_threshold(ckpt: Path, reference: 
         TinyTransformer, ckpt, quantization_config=config, torch_dtype=torch.bfloat16
     )
     source = load_file(ckpt / "diffusion_pytorch_model.safetensors")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    layers = linear8bit_modules(model)
     assert len(layers) == 8
-    for name, module in layers.items():
-        cb, scb, _ = F.int8_vectorwise_quant(source[f"{name}.weight"].to(torch.float16))
-        assert module.weight.dtype == torch.int8
-        assert torch.equal(module.weight.data, cb) and torch.equal(module.weight.SCB, scb), name
+    assert_8bit_like_bitsandbytes(layers, source)
+    for module in layers.values():
         assert module.state.threshold == 5.0 and not module.state.has_fp16_weights
     x, ref = reference
     with torch.no_grad():

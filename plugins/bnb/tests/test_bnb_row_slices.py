@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as F
 import pytest
 import torch
+from bnb_reference import (
+    assert_4bit_like_bitsandbytes,
+    assert_8bit_like_bitsandbytes,
+    linear4bit_modules,
+    linear8bit_modules,
+)
 from safetensors.torch import load_file
 
 import qcore
@@ -65,23 +69,9 @@ def test_4bit_slices_give_the_bytes_of_one_call(
     )
     assert (96, 96) in slices
     source = load_file(wide_ckpt / "diffusion_pytorch_model.safetensors")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    layers = linear4bit_modules(model)
     assert layers
-    for name, module in layers.items():
-        packed, state = F.quantize_4bit(
-            source[f"{name}.weight"],
-            blocksize=64,
-            compress_statistics=double,
-            quant_type=quant_type,
-            quant_storage=getattr(torch, storage),
-        )
-        weight = module.weight
-        assert weight.shape == packed.shape, name
-        assert torch.equal(weight.data.view(torch.uint8), packed.view(torch.uint8)), name
-        assert torch.equal(weight.quant_state.absmax, state.absmax), name
-        if double:
-            assert torch.equal(weight.quant_state.state2.absmax, state.state2.absmax), name
-            assert torch.equal(weight.quant_state.offset, state.offset), name
+    assert_4bit_like_bitsandbytes(layers, source, quant_type=quant_type, double=double, storage=storage)
 
 
 def test_8bit_slices_give_the_bytes_of_one_call(wide_ckpt: Path, slices: list[tuple[int, int]]) -> None:
@@ -90,9 +80,6 @@ def test_8bit_slices_give_the_bytes_of_one_call(wide_ckpt: Path, slices: list[tu
     )
     assert (96, 96) in slices
     source = load_file(wide_ckpt / "diffusion_pytorch_model.safetensors")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    layers = linear8bit_modules(model)
     assert layers
-    for name, module in layers.items():
-        cb, scb, _ = F.int8_vectorwise_quant(source[f"{name}.weight"].to(torch.float16))
-        assert torch.equal(module.weight.data, cb), name
-        assert torch.equal(module.weight.SCB, scb), name
+    assert_8bit_like_bitsandbytes(layers, source)
