@@ -53,6 +53,9 @@ if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   if [ "$(cat /tmp/site/.qcore-wheels 2>/dev/null)" != "$STAMP" ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
       || { echo "installing the carried wheels failed" >&2; exit 1; }
+    # bytecode once here: without it every benchmark process compiles diffusers, transformers and
+    # the backends again (seconds per process), and a lazy import inside a timed load would count it
+    "$PY" -m compileall -q -j 0 /tmp/site >/dev/null || true
     echo "$STAMP" > /tmp/site/.qcore-wheels
   fi
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
