@@ -4,6 +4,7 @@ quantize_ of the whole weight (the slices only bound the load's temporary memory
 from __future__ import annotations
 
 import copy
+import gc
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,27 @@ def test_formats_that_are_not_row_wise_are_quantized_whole(
     linear = nn.Linear(64, 16, bias=False).to(torch.bfloat16)
     assert not torchao_quantizer._quantize_by_rows(linear, TorchAoConfig("float8wo").quant_type)
     assert type(linear.weight) is nn.Parameter and linear.weight.dtype == torch.bfloat16
+
+
+def test_sliced_quantize_leaves_no_tensor_for_the_cyclic_collector(
+    tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A load pauses the cyclic collector: a slice held by a reference cycle would live to its end.
+    monkeypatch.setattr(torchao_quantizer, "ROW_SLICE_BYTES", 3 * 4 * 64 + 8)
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        model = TinyTransformer.from_pretrained(
+            tiny_ckpt, quantization_config=TorchAoConfig("int8wo"), torch_dtype=torch.bfloat16
+        )
+        gc.collect()
+        stranded = [o for o in gc.garbage if isinstance(o, torch.Tensor)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if was_enabled:
+            gc.enable()
+    assert any(hasattr(m.weight, "qdata") for m in model.modules() if isinstance(m, nn.Linear))
+    assert stranded == [], [(type(t).__name__, tuple(t.shape), t.dtype) for t in stranded[:5]]

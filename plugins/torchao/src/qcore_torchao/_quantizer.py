@@ -114,6 +114,10 @@ def _quantize_by_rows(module: nn.Module, config: Any) -> bool:
             }
         for name in names:
             full[name][start : start + piece.shape[0]].copy_(inner[name])
+        # quantize_ leaves the holder in a reference cycle (its extra_repr is bound to it): emptied, the
+        # cycle holds no tensor, so the slices are freed now even while the load pauses the cyclic
+        # collector (else every slice of every weight stays alive to the end: twice the model's memory)
+        holder._parameters.clear()
         del holder, quantized, inner
     rebuilt = quantized_type.__tensor_unflatten__(full, attributes, weight.shape, weight.stride())
     module._parameters["weight"] = nn.Parameter(rebuilt, requires_grad=False)
