@@ -88,9 +88,13 @@ def _quantize_by_rows(module: nn.Module, config: Any) -> bool:
     names: list[str] = []
     attributes: Any = None
     quantized_type: Any = None
+    # one holder for all slices: building an nn.Linear (its meta-device init included) per slice
+    # cost as much as quantizing the slice
+    holder = nn.Linear(columns, step, bias=False, device="meta")
     for start in range(0, rows, step):
         piece = weight[start : start + step]
-        holder = nn.Linear(columns, piece.shape[0], bias=False, device="meta")
+        holder.__dict__.pop("extra_repr", None)  # quantize_ wraps it again for every slice
+        holder.out_features = piece.shape[0]
         holder.weight = nn.Parameter(piece, requires_grad=False)
         quantize_(holder, config)
         quantized = holder.weight
@@ -118,7 +122,8 @@ def _quantize_by_rows(module: nn.Module, config: Any) -> bool:
         # cycle holds no tensor, so the slices are freed now even while the load pauses the cyclic
         # collector (else every slice of every weight stays alive to the end: twice the model's memory)
         holder._parameters.clear()
-        del holder, quantized, inner
+        del quantized, inner
+    holder.__dict__.pop("extra_repr", None)
     rebuilt = quantized_type.__tensor_unflatten__(full, attributes, weight.shape, weight.stride())
     module._parameters["weight"] = nn.Parameter(rebuilt, requires_grad=False)
     return True
