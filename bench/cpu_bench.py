@@ -1,10 +1,12 @@
 """The CPU benchmark: a ~160M-parameter FluxTransformer2DModel, qcore vs diffusers, one run.
 
     python bench/cpu_bench.py --out bench-cpu.jsonl --repeat 3   # about 10 minutes on 2 cores
+    python bench/cpu_bench.py --model flux-width --modes int8wo,nf4 --loaders qcore,diffusers
 
 Writes a seeded random checkpoint (4 double + 8 single blocks, 12 heads of 64, text width 768:
-160.5M parameters, 0.32 GB in bf16) and qcore's nf4 pre-quantized version of it into a temporary
-folder, then runs bench/run.py on the CPU: qcore and diffusers for bf16, torchao int8 weight-only,
+160.5M parameters, 0.32 GB in bf16; with ``--model flux-width``, one double and one single block of
+Flux-dev's width, 545.5M parameters, 1.09 GB) and qcore's nf4 pre-quantized version of it into a
+temporary folder, then runs bench/run.py on the CPU: qcore and diffusers for bf16, torchao int8 weight-only,
 bnb nf4 on load and nf4 pre-quantized, plus the raw safetensors and preadv loaders, each run in a
 fresh process, --repeat times. diffusers refuses bitsandbytes without a GPU; those rows say so.
 
@@ -24,19 +26,25 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CONFIG = [
-    "--layers",
-    "4",
-    "8",
-    "--heads",
-    "12",
-    "--head-dim",
-    "64",
-    "--joint-dim",
-    "768",
-    "--pooled-dim",
-    "768",
-]
+MODELS = {
+    # 160.5M parameters, 0.32 GB in bf16: every mode in minutes
+    "flux-160m": [
+        "--layers",
+        "4",
+        "8",
+        "--heads",
+        "12",
+        "--head-dim",
+        "64",
+        "--joint-dim",
+        "768",
+        "--pooled-dim",
+        "768",
+    ],
+    # Flux-dev's width (3072, text 4096), 1 double + 1 single block: 545.5M parameters, 1.09 GB in
+    # bf16. Its weights are as wide as Flux-dev's, so they are quantized in row slices as there.
+    "flux-width": ["--layers", "1", "1"],
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,19 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench-cpu.jsonl"), help="results (JSON lines)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workdir", type=Path, help="keep the checkpoints here (default: a temporary folder)")
+    p.add_argument("--model", default="flux-160m", choices=sorted(MODELS))
     p.add_argument("--modes", default="bf16,int8wo,nf4,nf4-prequantized")
     p.add_argument("--loaders", default="qcore,diffusers,safetensors,preadv")
     args = p.parse_args(argv)
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="qcore-cpu-bench-"))
-    bf16, nf4 = work / "flux-160m-bf16", work / "flux-160m-nf4"
+    bf16, nf4 = work / f"{args.model}-bf16", work / f"{args.model}-nf4"
     try:
         if not (bf16 / "config.json").is_file():
             subprocess.run(
                 [
                     sys.executable,
                     str(HERE / "make_checkpoint.py"),
-                    *CONFIG,
+                    *MODELS[args.model],
                     "--device",
                     "cpu",
                     "--out",

@@ -40,7 +40,7 @@ def test_sliced_quantize_on_load_equals_whole_weight_quantize(
         return done
 
     # 3 float32 rows of 64 columns and a bit: slices of 3 rows, and a shorter last slice
-    monkeypatch.setattr(torchao_quantizer, "ROW_SLICE_BYTES", 3 * 4 * 64 + 8)
+    monkeypatch.setitem(torchao_quantizer.ROW_SLICE_BYTES, "cpu", 3 * 4 * 64 + 8)
     monkeypatch.setattr(torchao_quantizer, "_quantize_by_rows", counting)
     model = TinyTransformer.from_pretrained(tiny_ckpt, quantization_config=config, torch_dtype=torch.bfloat16)
     assert sliced and any(rows % 3 for rows, _ in sliced)
@@ -58,7 +58,7 @@ def test_sliced_quantize_on_load_equals_whole_weight_quantize(
             assert got[part].dtype == tensor.dtype and torch.equal(got[part], tensor), (name, part)
 
     monkeypatch.setattr(torchao_quantizer, "_quantize_by_rows", by_rows)
-    monkeypatch.setattr(torchao_quantizer, "ROW_SLICE_BYTES", 1 << 40)  # no slicing
+    monkeypatch.setitem(torchao_quantizer.ROW_SLICE_BYTES, "cpu", 1 << 40)  # no slicing
     whole = TinyTransformer.from_pretrained(tiny_ckpt, quantization_config=config, torch_dtype=torch.bfloat16)
     assert torch.equal(model(tiny_input), whole(tiny_input))
 
@@ -66,7 +66,7 @@ def test_sliced_quantize_on_load_equals_whole_weight_quantize(
 def test_formats_that_are_not_row_wise_are_quantized_whole(
     tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(torchao_quantizer, "ROW_SLICE_BYTES", 64)
+    monkeypatch.setitem(torchao_quantizer.ROW_SLICE_BYTES, "cpu", 64)
     linear = nn.Linear(64, 16, bias=False).to(torch.bfloat16)
     assert not torchao_quantizer._quantize_by_rows(linear, TorchAoConfig("float8wo").quant_type)
     assert type(linear.weight) is nn.Parameter and linear.weight.dtype == torch.bfloat16
@@ -76,7 +76,7 @@ def test_sliced_quantize_leaves_no_tensor_for_the_cyclic_collector(
     tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A load pauses the cyclic collector: a slice held by a reference cycle would live to its end.
-    monkeypatch.setattr(torchao_quantizer, "ROW_SLICE_BYTES", 3 * 4 * 64 + 8)
+    monkeypatch.setitem(torchao_quantizer.ROW_SLICE_BYTES, "cpu", 3 * 4 * 64 + 8)
     was_enabled = gc.isenabled()
     while gc.collect():  # earlier tests' garbage, freed in cascades (finalizers free more)
         pass
