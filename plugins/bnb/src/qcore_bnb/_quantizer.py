@@ -446,7 +446,7 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
     ) -> Any:
         if not self.pre_quantized:
             return self._quantize_4bit(bnb, module, value, old, device)
-        stats = self._checked_4bit_stats(bnb, param_name, value, tuple(old.shape), state_dict)
+        stats = self._checked_4bit_stats(param_name, value, tuple(old.shape), state_dict)
         param = bnb.nn.Params4bit.from_prequantized(
             data=value, quantized_stats=stats, requires_grad=False, device=device, module=module
         )
@@ -529,7 +529,6 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
 
     def _checked_4bit_stats(
         self,
-        bnb: Any,
         param_name: str,
         value: torch.Tensor,
         shape: tuple[int, ...],
@@ -574,7 +573,7 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
                 raise qcore.MissingKeysError([prefix + name], "the checkpoint")
         quant_map = stats["quant_map"]
         _check_layout(prefix + "quant_map", quant_map, QUANT_MAP_SIZE, (torch.float32,))
-        self._require_table(bnb, prefix + "quant_map", quant_map, quant_type)
+        self._require_table(prefix + "quant_map", quant_map, quant_type)
         if nested:
             # absmax holds 8-bit codes into nested_quant_map: every byte value is valid.
             _check_layout(prefix + "absmax", stats["absmax"], blocks, (torch.uint8,))
@@ -584,7 +583,7 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
             self._require_scales(prefix + "nested_absmax", nested_absmax)
             nested_map = stats["nested_quant_map"]
             _check_layout(prefix + "nested_quant_map", nested_map, NESTED_QUANT_MAP_SIZE, (torch.float32,))
-            self._require_table(bnb, prefix + "nested_quant_map", nested_map, DYNAMIC_MAP)
+            self._require_table(prefix + "nested_quant_map", nested_map, DYNAMIC_MAP)
         else:
             _check_layout(prefix + "absmax", stats["absmax"], blocks, (torch.float32,))
             self._require_scales(prefix + "absmax", stats["absmax"])
@@ -596,17 +595,16 @@ class BitsAndBytesQuantizer(qcore.Quantizer):
             (torch.isfinite(scales) & (scales >= 0)).all(), key, "holds NaN, infinite or negative scales"
         )
 
-    def _require_table(self, bnb: Any, key: str, table: torch.Tensor, name: str) -> None:
+    def _require_table(self, key: str, table: torch.Tensor, name: str) -> None:
         # Compared in one stacked operation per table and device by _compare_tables: a comparison per
         # weight launched some 8 GPU kernels for 16 numbers, 0.2 s of an NF4 Flux-dev load on an H100.
         self._pending_tables.setdefault((name, table.device), []).append((key, table))
-        self._fixed_table(bnb, name, table.device)
 
     def _compare_tables(self) -> None:
         """Require the pending code tables to equal bitsandbytes' fixed ones (see _require_table)."""
         pending, self._pending_tables = self._pending_tables, {}
         for (name, device), tables in pending.items():
-            expected = self._tables[(name, device)]
+            expected = self._fixed_table(_bnb(), name, device)
             stacked = torch.stack([table for _, table in tables])
             equal = torch.isclose(stacked, expected, rtol=0.0, atol=TABLE_TOLERANCE).all(dim=1)
             for (key, _), ok in zip(tables, equal.unbind(), strict=True):
