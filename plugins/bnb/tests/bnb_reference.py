@@ -4,11 +4,35 @@ checkpoint weight."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as F
 import torch
 from torch import nn
+
+import qcore
+from helpers.models import TinyTransformer
+from qcore_bnb import BitsAndBytesConfig
+
+
+def load_4bit(
+    ckpt: Path, *, quant_type: str, double: bool, storage: str, **options: Any
+) -> tuple[TinyTransformer, dict[str, bnb.nn.Linear4bit]]:
+    """The TinyTransformer of ``ckpt`` quantized to 4 bits on load (``options``: more config fields),
+    and its Linear4bit layers by name."""
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double,
+        bnb_4bit_quant_storage=storage,
+        **options,
+    )
+    model = qcore.from_pretrained(
+        TinyTransformer, ckpt, quantization_config=config, torch_dtype=torch.bfloat16
+    )
+    return model, linear4bit_modules(model)
 
 
 def linear4bit_modules(model: nn.Module) -> dict[str, bnb.nn.Linear4bit]:

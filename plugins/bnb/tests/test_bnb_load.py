@@ -16,8 +16,8 @@ import torch
 from bnb_reference import (
     assert_4bit_like_bitsandbytes,
     assert_8bit_like_bitsandbytes,
-    linear4bit_modules,
     linear8bit_modules,
+    load_4bit,
 )
 from safetensors.torch import load_file
 from torch import nn
@@ -67,18 +67,10 @@ def reference(ckpt: Path) -> tuple[torch.Tensor, torch.Tensor]:
 def test_4bit_combination_quantizes_like_bitsandbytes_and_round_trips(
     ckpt: Path, reference: tuple, tmp_path: Path, quant_type: str, double: bool, storage: str, compute: str
 ) -> None:
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=double,
-        bnb_4bit_quant_storage=storage,
-        bnb_4bit_compute_dtype=compute,
-    )
-    model = qcore.from_pretrained(
-        TinyTransformer, ckpt, quantization_config=config, torch_dtype=torch.bfloat16
+    model, layers = load_4bit(
+        ckpt, quant_type=quant_type, double=double, storage=storage, bnb_4bit_compute_dtype=compute
     )
     source = load_file(ckpt / "diffusion_pytorch_model.safetensors")
-    layers = linear4bit_modules(model)
     assert len(layers) == 2 * 3 + 2  # attn + proj_out per block (2 blocks + 1 vace block), proj_in, proj_out
     for module in layers.values():
         assert module.weight.device.type == "cpu" and module.weight.dtype == getattr(torch, storage)

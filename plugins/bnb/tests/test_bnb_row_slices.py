@@ -10,8 +10,8 @@ import torch
 from bnb_reference import (
     assert_4bit_like_bitsandbytes,
     assert_8bit_like_bitsandbytes,
-    linear4bit_modules,
     linear8bit_modules,
+    load_4bit,
 )
 from safetensors.torch import load_file
 
@@ -61,18 +61,9 @@ def slices(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
 def test_4bit_slices_give_the_bytes_of_one_call(
     wide_ckpt: Path, slices: list[tuple[int, int]], quant_type: str, double: bool, storage: str
 ) -> None:
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=double,
-        bnb_4bit_quant_storage=storage,
-    )
-    model = qcore.from_pretrained(
-        TinyTransformer, wide_ckpt, quantization_config=config, torch_dtype=torch.bfloat16
-    )
+    _, layers = load_4bit(wide_ckpt, quant_type=quant_type, double=double, storage=storage)
     assert (96, 96) in slices
     source = load_file(wide_ckpt / "diffusion_pytorch_model.safetensors")
-    layers = linear4bit_modules(model)
     assert layers
     assert_4bit_like_bitsandbytes(layers, source, quant_type=quant_type, double=double, storage=storage)
 
